@@ -1,0 +1,18 @@
+"""fedforge: fast, faithful personalized, heterogeneous and generator-assisted federated learning research."""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .config import RunConfig, build_config  # noqa: E402
+from .errors import ConfigError, DataError, FedforgeError, PartitionError  # noqa: E402
+
+
+def run(cfg=None, **options):
+    """Run one experiment; see :func:`fedforge.core.simulation.run`."""
+    from . import algorithms  # noqa: F401  (registers every algorithm)
+    from .core.simulation import run as _run
+
+    return _run(cfg, **options)
+
+
+__all__ = ["ConfigError", "DataError", "FedforgeError", "PartitionError", "RunConfig", "__version__", "build_config", "run"]

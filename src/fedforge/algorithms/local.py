@@ -1,0 +1,34 @@
+"""Local — no federation: every client trains its own model on its own data and nothing is exchanged.
+
+The baseline that personalized methods must beat (PFLlib's "Local"): each client starts from the same
+initial weights and keeps training its model across rounds; it is evaluated on its own test split.
+"""
+from __future__ import annotations
+
+from ..core.algorithm import Algorithm, Update, register_algorithm
+from ..core.messages import Message, State, model_entries
+
+
+@register_algorithm("local", summary="Local training only (no communication): the personalized baseline")
+class Local(Algorithm):
+    paper = "baseline: each client trains alone"
+    personalized = True
+    has_global = False
+    heterogeneous = True
+
+    def init_server(self) -> State:
+        return {}
+
+    def broadcast(self, server: State, cid: int, rnd: int) -> Message:
+        return {}
+
+    def init_client(self, rt) -> State:
+        return rt.initial_params()
+
+    def local_update(self, rt, msg: Message, state: State) -> Update:
+        rt.load(model_entries(state))
+        stats = rt.train()
+        return Update({}, rt.model_state(), rt.num_train, stats.as_dict())
+
+    def personal_params(self, msg: Message, state: State) -> Message:
+        return model_entries(state)

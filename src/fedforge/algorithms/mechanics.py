@@ -1,0 +1,137 @@
+"""Shared mechanics that algorithms compose: proximal terms, prototypes, distillation losses, MMD, head/body split.
+
+These live once; no algorithm re-implements them. The local SGD loop itself is
+:func:`fedforge.core.training.train_loop` (reached through ``rt.train``).
+"""
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.messages import Message
+
+HEAD = "head."
+BODY = "features."
+
+
+# ------------------------------------------------------------------------------------ body / head
+def is_head(name: str) -> bool:
+    return name.startswith(HEAD)
+
+
+def is_body(name: str) -> bool:
+    return name.startswith(BODY)
+
+
+def select(d: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Message:
+    return {k: v for k, v in d.items() if keep(k)}
+
+
+def named_params(model: nn.Module, keep: Callable[[str], bool]) -> list[torch.Tensor]:
+    """Parameters of ``model`` whose names pass ``keep`` (e.g. :func:`is_head`), for training a part only."""
+    return [p for n, p in model.named_parameters() if keep(n)]
+
+
+# -------------------------------------------------------------------------------------- proximal
+def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
+    """mu/2 · Σ ||w − w_anchor||² (differentiable in ``params``)."""
+    total = sum(((p - a.detach()) ** 2).sum() for p, a in zip(params, anchors))
+    return 0.5 * mu * total
+
+
+def proximal_grad_hook(anchors: Sequence[torch.Tensor], mu: float):
+    """Gradient hook adding mu·(w − w_anchor): the gradient of :func:`proximal_term`, without building a graph."""
+
+    def hook(params: Sequence[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if mu == 0:
+            return grads
+        return [g.add(p.detach() - a, alpha=mu) for p, g, a in zip(params, grads, anchors)]
+
+    return hook
+
+
+# ------------------------------------------------------------------------------------ prototypes
+@torch.no_grad()
+def class_means(features: Callable[[torch.Tensor], torch.Tensor], batches, num_classes: int,
+                normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean of ``features(x)`` over ``batches``: (C, d) means (zero rows for absent classes), (C,) counts."""
+    sums, counts = None, torch.zeros(num_classes, dtype=torch.long)
+    for x, y in batches:
+        z = features(x).float()
+        if normalize:
+            z = F.normalize(z, dim=1)
+        if sums is None:
+            sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float32, device=z.device)
+        sums.index_add_(0, y, z)
+        counts += torch.bincount(y.cpu(), minlength=num_classes)
+    if sums is None:
+        return torch.zeros(num_classes, 0), counts
+    means = sums / counts.clamp(min=1).to(sums.device).unsqueeze(1).float()
+    if normalize:
+        means = F.normalize(means, dim=1) * (counts > 0).to(means.device).unsqueeze(1)
+    return means, counts
+
+
+def collect_prototypes(rt, model: nn.Module | None = None, features: Callable | None = None,
+                       normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class prototypes of this client's training data, from the model *after* local training, in eval mode.
+
+    (HtFLlib's FedProto/FedTGP clients upload prototypes computed from the start-of-round model; the papers
+    describe prototypes of the locally trained model, which is what this computes.)
+    """
+    m = model if model is not None else rt.model
+    was_training = m.training
+    m.eval()
+    try:
+        return class_means(features or m.features, rt.fed.test_batches(rt.cid, rt.ctx.eval_batch_size, part="train"),
+                           rt.ctx.num_classes, normalize)
+    finally:
+        m.train(was_training)
+
+
+def prototypes_to_message(protos: torch.Tensor, counts: torch.Tensor, prefix: str = "proto") -> Message:
+    """Only the classes the client holds are sent: ``proto/<c>`` → (d,) vector, plus its sample count."""
+    msg: Message = {}
+    for c in torch.nonzero(counts > 0).flatten().tolist():
+        msg[f"{prefix}/{c}"] = protos[c].detach().clone()
+    return msg
+
+
+def message_to_prototypes(msg: Mapping[str, torch.Tensor], num_classes: int, prefix: str = "proto") -> dict[int, torch.Tensor]:
+    p = prefix + "/"
+    return {int(k[len(p):]): v for k, v in msg.items() if k.startswith(p)}
+
+
+def average_prototypes(uploads: Sequence[Mapping[str, torch.Tensor]], prefix: str = "proto",
+                       weights: Sequence[float] | None = None) -> dict[int, torch.Tensor]:
+    """Per-class mean of the uploaded prototypes (unweighted, as in FedProto, unless ``weights`` are given)."""
+    acc: dict[int, list[tuple[torch.Tensor, float]]] = {}
+    for i, up in enumerate(uploads):
+        w = 1.0 if weights is None else float(weights[i])
+        for c, v in message_to_prototypes(up, -1, prefix).items():
+            acc.setdefault(c, []).append((v, w))
+    return {c: sum(v * w for v, w in items) / sum(w for _, w in items) for c, items in sorted(acc.items())}
+
+
+# ---------------------------------------------------------------------------------- distillation
+def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """KL(softmax(teacher/T) ‖ softmax(student/T)) · T², batch mean (Hinton et al., 2015)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits.detach() / t, dim=1),
+                    reduction="batchmean") * (t * t)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy against a soft target distribution."""
+    return -(target_probs * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+# -------------------------------------------------------------------------------------------- MMD
+def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = (1.0,)) -> torch.Tensor:
+    """Squared maximum mean discrepancy with a sum of RBF kernels exp(−‖a−b‖² / (2σ²))."""
+    xx, yy, xy = torch.cdist(x, x) ** 2, torch.cdist(y, y) ** 2, torch.cdist(x, y) ** 2
+    k = lambda d: sum(torch.exp(-d / (2.0 * s * s)) for s in bandwidths)  # noqa: E731
+    return k(xx).mean() + k(yy).mean() - 2.0 * k(xy).mean()

@@ -1,0 +1,272 @@
+"""The `fedforge` command-line tool: run, partition, list, report."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import RunConfig, build_config, load_yaml, parse_assignments
+from .errors import FedforgeError
+
+log = logging.getLogger("fedforge")
+
+# Extra sub-commands register here (name → (add_arguments, handler)); see `register_command`.
+COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
+
+
+def register_command(name: str, help: str):
+    """Decorator for a sub-command: ``@register_command("synth", "...")`` on ``def cmd(args)``; the function's
+    ``add_arguments`` attribute (set with ``@cmd.arguments``) fills its parser."""
+
+    def deco(fn: Callable[[argparse.Namespace], int]):
+        COMMANDS[name] = (getattr(fn, "add_arguments", lambda p: None), fn, help)
+
+        def arguments(adder: Callable[[argparse.ArgumentParser], None]):
+            COMMANDS[name] = (adder, fn, help)
+            return adder
+
+        fn.arguments = arguments  # type: ignore[attr-defined]
+        return fn
+
+    return deco
+
+
+# ------------------------------------------------------------------------------------------ options
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per RunConfig field (kebab-case); absent options are not set, so YAML values survive."""
+    g = p.add_argument_group("run options (also YAML keys)")
+    for f in dataclasses.fields(RunConfig):
+        if not f.metadata.get("flag", True):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        help_ = f.metadata.get("help", "")
+        default = f.default if f.default is not dataclasses.MISSING else None
+        if "bool" in str(f.type):
+            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"{help_} (default: {default})")
+        else:
+            g.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
+                           help=f"{help_} (default: {default})")
+    p.add_argument("--config", help="YAML file of options (command-line options override it)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="algorithm hyper-parameter, repeatable (e.g. --set mu=0.01)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    names = {f.name for f in dataclasses.fields(RunConfig)}
+    overrides = {k: v for k, v in vars(args).items() if k in names}
+    return build_config(base, overrides, parse_assignments(getattr(args, "set", [])))
+
+
+# ----------------------------------------------------------------------------------------- commands
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import algorithms  # noqa: F401
+    from .core.simulation import Simulation
+
+    cfg = config_from_args(args)
+    sim = Simulation(cfg, run_dir=cfg.out or None, progress=not args.no_progress)
+    log.info("%s", sim.describe())
+    log.info("run directory: %s", sim.run_dir.path if sim.run_dir else "-")
+    res = sim.run()
+    s = res.summary
+
+    def fmt(v):
+        return "-" if v is None else f"{v:.4f}"
+
+    print(f"finished {cfg.rounds} rounds in {s['wall_seconds']:.1f}s ({s['seconds_per_round']:.2f}s/round)")
+    for label in ("best", "last", "mean_last5"):
+        print(f"  {label:<10} global_acc={fmt(s[label].get('global_acc'))}  personalized_acc={fmt(s[label].get('personalized_acc'))}")
+    print(f"results: {res.path}")
+    return 0
+
+
+def cmd_partition(args: argparse.Namespace) -> int:
+    from .core.simulation import build_partition
+    from .data import load_dataset
+    from .data.partition import plot_heatmap
+    from .results.rundir import dumps, atomic_write_text
+
+    cfg = config_from_args(args)
+    ds = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.class_subset)
+    part = build_partition(cfg, ds)
+    stats = part.stats(ds.y, ds.num_classes)
+    out = Path(cfg.out) if cfg.out else Path("partitions") / (
+        f"{ds.name.replace(':', '-').replace('/', '_')}_{part.scheme}_{part.num_clients}c_s{cfg.seed}")
+    out.mkdir(parents=True, exist_ok=True)
+    part.save(out / "partition.npz")
+    atomic_write_text(out / "partition_stats.json", dumps(stats) + "\n")
+    plot_heatmap(stats, out / "partition.png", title=f"{ds.name}: {part.scheme} {part.params}")
+    tr, te = stats["train_counts"], stats["test_counts"]
+    print(f"{ds.name}: {part.scheme} partition of {stats['samples']:,} samples over {part.num_clients} clients "
+          f"({ds.num_classes} classes), seed {cfg.seed}")
+    print(f"{'client':>6} {'train':>7} {'test':>6} {'classes':>7}  largest classes (class:count)")
+    for i in range(part.num_clients):
+        tot = [a + b for a, b in zip(tr[i], te[i])]
+        top = sorted(((n, c) for c, n in enumerate(tot) if n), reverse=True)[:5]
+        print(f"{i:>6} {sum(tr[i]):>7} {sum(te[i]):>6} {sum(1 for n in tot if n):>7}  " + " ".join(f"{c}:{n}" for n, c in top))
+    sp = stats["samples_per_client"]
+    print(f"samples per client: min {sp['min']}, max {sp['max']}, mean {sp['mean']:.1f}, std {sp['std']:.1f}")
+    print(f"written: {out / 'partition.npz'}, {out / 'partition_stats.json'}, {out / 'partition.png'}")
+    return 0
+
+
+def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
+    def algorithms_():
+        from .algorithms import ALGORITHMS
+
+        return [(e.name, e.summary) for e in ALGORITHMS.entries()]
+
+    def datasets_():
+        from .data import SOURCES, data_root
+
+        root = data_root()
+        out = []
+        for e in SOURCES.entries():
+            need = e.meta.get("needs_file")
+            where = "" if not need else (" [cached]" if (root / need).is_file() else f" [not in {root}]")
+            out.append((e.name, e.summary + where))
+        return out
+
+    def models_():
+        from .models import GROUPS, MODELS
+
+        return [(e.name, e.summary) for e in MODELS.entries()] + [
+            (e.name, "group: " + ", ".join(e.obj)) for e in GROUPS.entries()]
+
+    def partitioners_():
+        from .data import PARTITIONERS
+
+        return [(e.name, e.summary) for e in PARTITIONERS.entries()]
+
+    def executors_():
+        from . import integrations  # noqa: F401
+        from .core import EXECUTORS
+
+        return [(e.name, e.summary) for e in EXECUTORS.entries()]
+
+    out = {"algorithms": algorithms_, "datasets": datasets_, "models": models_, "partitioners": partitioners_,
+           "executors": executors_}
+    try:
+        from .generative import GENERATORS
+
+        out["generators"] = lambda: [(e.name, e.summary) for e in GENERATORS.entries()]
+    except ImportError:
+        pass
+    return out
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    import fnmatch
+
+    from .errors import ConfigError, suggest
+
+    listing = _listing()
+    kinds = list(listing) if args.what in (None, "all") else [args.what]
+    for k in kinds:
+        if k not in listing:
+            raise ConfigError(f"cannot list '{k}'{suggest(k, listing)}; choose one of {', '.join(listing)}.")
+    for k in kinds:
+        rows = [(n, s) for n, s in listing[k]() if not args.pattern or fnmatch.fnmatch(n, args.pattern)]
+        print(f"{k}:")
+        width = max((len(n) for n, _ in rows), default=0)
+        for n, s in rows:
+            print(f"  {n.ljust(width)}  {s}")
+        if len(kinds) > 1:
+            print()
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .results.report import format_csv, format_text, rows_for
+
+    rows = rows_for(args.runs)
+    if args.format == "csv":
+        sys.stdout.write(format_csv(rows))
+    else:
+        print(format_text(rows))
+    if args.csv:
+        Path(args.csv).write_text(format_csv(rows))
+        print(f"written: {args.csv}")
+    if args.plot:
+        from .results.plots import plot_comparison
+        from .results.rundir import RunDir
+
+        plot_comparison({Path(p).name: RunDir(p).read_metrics() for p in args.runs}, args.plot)
+        print(f"written: {args.plot}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="fedforge", description="Federated learning research: personalized, heterogeneous, generator-assisted.")
+    p.add_argument("--version", action="version", version=f"fedforge {__version__}")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors on stderr")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    r = sub.add_parser("run", help="run one experiment (no options: FedAvg on digits, offline)")
+    add_config_options(r)
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+
+    pa = sub.add_parser("partition", help="partition a dataset, print its statistics, write a heat-map")
+    add_config_options(pa)
+    pa.set_defaults(func=cmd_partition)
+
+    li = sub.add_parser("list", help="list algorithms, datasets, models, partitioners, executors")
+    li.add_argument("what", nargs="?", default="all", help="what to list (default: all)")
+    li.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'fed*'")
+    li.set_defaults(func=cmd_list)
+
+    rep = sub.add_parser("report", help="compare finished runs (table as text or CSV)")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep.add_argument("--format", choices=("text", "csv"), default="text")
+    rep.add_argument("--csv", help="also write the table to this CSV file")
+    rep.add_argument("--plot", help="also write a PNG with one accuracy curve per run")
+    rep.set_defaults(func=cmd_report)
+
+    _load_plugins()
+    for name, (adder, fn, help_) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_)
+        adder(sp)
+        sp.set_defaults(func=fn)
+    return p
+
+
+def _load_plugins() -> None:
+    """Modules that add sub-commands (imported lazily so that `fedforge run` stays fast)."""
+    import importlib
+
+    for mod in ("fedforge.generative.cli", "fedforge.synth.cli"):
+        try:
+            importlib.import_module(mod)
+        except ModuleNotFoundError as e:
+            if not (e.name or "").startswith("fedforge"):
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="fedforge: %(message)s", stream=sys.stderr)
+    if args.command is None:  # `fedforge` alone shows help; `fedforge run` runs the default experiment
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except FedforgeError as e:
+        print(f"fedforge: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("fedforge: interrupted.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

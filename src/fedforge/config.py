@@ -1,0 +1,222 @@
+"""Run configuration: one frozen-by-convention dataclass, loaded from defaults < YAML < command line < --set."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, suggest
+
+
+def opt(default: Any, help: str, flag: bool = True, **checks: Any) -> Any:
+    """A config field with its one-line meaning and range checks (ge, gt, le, lt, choices)."""
+    meta = {"help": help, "flag": flag, **checks}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run. Field names are the YAML keys; ``--kebab-case`` are the CLI options."""
+
+    algorithm: str = opt("fedavg", "algorithm name (see `fedforge list algorithms`)")
+    dataset: str = opt("digits", "dataset: a name, npz:PATH, folder:PATH or pfllib:DIR")
+    model: str = opt("cnn", "model or model group (see `fedforge list models`)")
+    partition: str = opt("dirichlet", "partitioner: iid, dirichlet, pathological, exdir, shards (ignored for pfllib:)")
+    alpha: float = opt(0.1, "Dirichlet concentration (dirichlet, exdir)", gt=0)
+    classes_per_client: int = opt(2, "classes per client (pathological, exdir)", ge=1)
+    shards_per_client: int = opt(2, "shards per client (shards)", ge=1)
+    balance: bool = opt(True, "pathological: split each class equally among its holders")
+    min_samples: int | None = opt(None, "minimum samples per client (default: PFLlib's rule, usually 40)", ge=1)
+    train_ratio: float = opt(0.75, "share of each client's samples used for training", gt=0, lt=1)
+    partition_file: str | None = opt(None, "reuse a saved partition (partition.npz or a run directory)")
+    class_subset: str | None = opt(None, "keep classes A-B of the dataset, relabelled 0..B-A")
+    clients: int = opt(10, "number of clients", ge=1)
+    rounds: int = opt(50, "communication rounds", ge=0)
+    join_ratio: float = opt(1.0, "share of clients sampled per round", gt=0, le=1)
+    random_join: bool = opt(False, "draw the number of clients per round uniformly from [join_ratio·N, N]")
+    drop_rate: float = opt(0.0, "probability that a sampled client drops out before reporting", ge=0, lt=1)
+    batch_size: int = opt(10, "local mini-batch size", ge=1)
+    local_epochs: int = opt(1, "local epochs per round", ge=1)
+    lr: float = opt(0.005, "local learning rate (plain SGD, no momentum)", gt=0)
+    eval_every: int = opt(1, "evaluate every N rounds (and after the last)", ge=1)
+    eval_batch_size: int = opt(500, "batch size for evaluation", ge=1)
+    seed: int = opt(0, "random seed (every round and client draws from its own stream derived from it)", ge=0)
+    data_root: str | None = opt(None, "dataset cache folder (default: $FEDFORGE_DATA or ~/.cache/fedforge/data)")
+    download: bool = opt(False, "allow downloading a missing dataset through torchvision")
+    augment: bool = opt(False, "random crop (and flip for colour images) on training batches")
+    executor: str = opt("sequential", "how local updates run: sequential, process, ray, vectorized")
+    workers: int = opt(0, "workers for the process/ray executors (0: one per core)", ge=0)
+    threads: int = opt(0, "torch threads per worker (0: automatic)", ge=0)
+    precision: str = opt("fp32", "fp32 or bf16 (autocast)", choices=("fp32", "bf16"))
+    device: str = opt("cpu", "cpu or cuda[:N]")
+    out: str | None = opt(None, "run directory (default: runs/<dataset>_<algorithm>_<time>)")
+    params: dict = opt({}, "algorithm hyper-parameters (YAML mapping; --set key=value)", flag=False)
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> "RunConfig":
+        for f in fields(self):
+            value = getattr(self, f.name)
+            setattr(self, f.name, _coerce(f, value))
+            _check_range(f, getattr(self, f.name))
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got '{self.device}'.")
+        if not isinstance(self.params, dict):
+            raise ConfigError("params must be a mapping of algorithm hyper-parameters (key: value).")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that determine results (not where they are written or how progress is shown)."""
+        d = self.to_dict()
+        for k in ("out", "data_root", "download", "workers", "threads"):
+            d.pop(k, None)
+        return d
+
+    @property
+    def resolved_data_root(self) -> Path:
+        from .data.sources import data_root
+
+        return data_root(self.data_root)
+
+
+_FIELD_NAMES = {f.name for f in fields(RunConfig)}
+
+
+def _type_name(f: dataclasses.Field) -> str:
+    return str(f.type).replace(" | None", "").replace("Optional", "")
+
+
+def _coerce(f: dataclasses.Field, value: Any) -> Any:
+    t = _type_name(f)
+    optional = "None" in str(f.type)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"{f.name} must not be empty ({f.metadata.get('help', '')}).")
+    try:
+        if t == "bool":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+                return value.lower() in ("true", "yes", "1", "on")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if t == "int":
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, (int, str)):
+                return int(value)
+            raise ValueError
+        if t == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            v = float(value)
+            if v != v or v in (float("inf"), float("-inf")):
+                raise ValueError
+            return v
+        if t == "str":
+            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+                return str(value)
+            raise ValueError
+        if t == "dict":
+            if isinstance(value, dict):
+                return value
+            raise ValueError
+    except (ValueError, TypeError):
+        raise ConfigError(f"{f.name} must be {_article(t)} {t}, got {value!r} ({f.metadata.get('help', '')}).") from None
+    return value
+
+
+def _article(t: str) -> str:
+    return "an" if t[:1] in "aeiou" else "a"
+
+
+def _check_range(f: dataclasses.Field, v: Any) -> None:
+    if v is None:
+        return
+    m = f.metadata
+    bad = None
+    if "ge" in m and v < m["ge"]:
+        bad = f">= {m['ge']}"
+    elif "gt" in m and not v > m["gt"]:
+        bad = f"> {m['gt']}"
+    if "le" in m and v > m["le"]:
+        bad = (bad + " and " if bad else "") + f"<= {m['le']}"
+    elif "lt" in m and not v < m["lt"]:
+        bad = (bad + " and " if bad else "") + f"< {m['lt']}"
+    if bad:
+        raise ConfigError(f"{f.name} must be {bad}, got {v} ({m.get('help', '')}).")
+    if "choices" in m and v not in m["choices"]:
+        raise ConfigError(f"{f.name} must be one of {', '.join(m['choices'])}, got '{v}'{suggest(str(v), m['choices'])}.")
+
+
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML would read it (numbers, booleans, lists), else the string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_assignments(items: list[str] | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got '{item}'.")
+        k, v = item.split("=", 1)
+        k = k.strip()
+        if not k:
+            raise ConfigError(f"--set expects key=value, got '{item}'.")
+        out[k] = parse_value(v.strip())
+    return out
+
+
+def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist.")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of option: value, not a {type(data).__name__}.")
+    return data
+
+
+def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] | None = None,
+                 params: dict[str, Any] | None = None) -> RunConfig:
+    """defaults < ``base`` (a YAML mapping) < ``overrides`` (explicit options) < ``params`` (``--set``)."""
+    merged: dict[str, Any] = {}
+    for source in (base or {}, overrides or {}):
+        for k, v in source.items():
+            key = str(k).replace("-", "_")
+            if key not in _FIELD_NAMES:
+                raise ConfigError(f"unknown config key '{k}'{suggest(key, _FIELD_NAMES)}; algorithm hyper-parameters go under 'params:' or --set.")
+            if key == "params":
+                if v is not None and not isinstance(v, dict):
+                    raise ConfigError("params must be a mapping of algorithm hyper-parameters (key: value).")
+                merged.setdefault("params", {}).update(v or {})
+            else:
+                merged[key] = v
+    if params:
+        merged.setdefault("params", {}).update(params)
+    cfg = RunConfig(**merged)
+    return cfg.validate()
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

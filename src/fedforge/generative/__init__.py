@@ -1,0 +1,1 @@
+"""Generator interface and back-ends (built-in, diffusers, StyleGAN pickles)."""

@@ -1,0 +1,1 @@
+"""Optional integrations (Ray, Flower, trackers); each imports its dependency only when used."""

@@ -1,0 +1,125 @@
+"""Model registry: every model is a feature extractor plus a head with a known feature dimension."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from ..errors import ConfigError
+from ..registry import Registry
+
+MODELS: Registry[Callable[..., "FedModel"]] = Registry("model", "see `fedforge list models`")
+
+
+class FedModel(nn.Module):
+    """``features(x) -> z`` (a vector of ``feature_dim``) and ``head(z) -> logits``.
+
+    Parameter names start with ``features.`` or ``head.``, which is how algorithms tell body from head.
+    """
+
+    def __init__(self, features: nn.Module, head: nn.Module, feature_dim: int, arch: str = ""):
+        super().__init__()
+        self.features = features
+        self.head = head
+        self.feature_dim = int(feature_dim)
+        self.arch = arch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def _conv_out(h: int, k: int, p: int) -> int:
+    return h + 2 * p - k + 1
+
+
+@MODELS.register("cnn", summary="4-layer CNN of the FL literature (FedAvg/PFLlib FedAvgCNN): conv5x5·32 → pool → conv5x5·64 → pool → fc512 → head")
+def cnn(input_shape: tuple[int, int, int], num_classes: int, feature_dim: int = 512) -> FedModel:
+    c, h, w = input_shape
+    pad = 0 if min(h, w) >= 16 else 2  # small inputs (8×8 digits) keep their size through the 5×5 convs
+    h1, w1 = _conv_out(h, 5, pad) // 2, _conv_out(w, 5, pad) // 2
+    h2, w2 = _conv_out(h1, 5, pad) // 2, _conv_out(w1, 5, pad) // 2
+    if h2 < 1 or w2 < 1:
+        raise ConfigError(f"the cnn model needs inputs of at least 8×8 pixels, got {h}×{w}.")
+    features = nn.Sequential(
+        nn.Conv2d(c, 32, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 5, padding=pad), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(64 * h2 * w2, feature_dim), nn.ReLU(inplace=True),
+    )
+    return FedModel(features, nn.Linear(feature_dim, num_classes), feature_dim, "cnn")
+
+
+@MODELS.register("mlp", summary="2-hidden-layer perceptron (FedAvg's 2NN): 200 → 200 → head")
+def mlp(input_shape: tuple[int, int, int], num_classes: int, hidden: int = 200) -> FedModel:
+    c, h, w = input_shape
+    features = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(inplace=True),
+                             nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
+    return FedModel(features, nn.Linear(hidden, num_classes), hidden, "mlp")
+
+
+class _Backbone(nn.Module):
+    """Wrap a torchvision trunk so that it ends in a flat feature vector."""
+
+    def __init__(self, trunk: nn.Module):
+        super().__init__()
+        self.trunk = trunk
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.flatten(self.pool(self.trunk(x)))
+
+
+def _resnet(depth: int):
+    def build(input_shape: tuple[int, int, int], num_classes: int, small_input_stem: bool | None = None) -> FedModel:
+        import torchvision
+
+        c, h, w = input_shape
+        net = getattr(torchvision.models, f"resnet{depth}")(weights=None)
+        small = (min(h, w) <= 64) if small_input_stem is None else small_input_stem
+        if small:  # CIFAR-style stem: 3×3 stride-1 conv, no max-pool (He et al. 2016, §4.2)
+            net.conv1 = nn.Conv2d(c, 64, 3, 1, 1, bias=False)
+            net.maxpool = nn.Identity()
+        elif c != 3:
+            net.conv1 = nn.Conv2d(c, 64, 7, 2, 3, bias=False)
+        dim = net.fc.in_features
+        trunk = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        return FedModel(_Backbone(trunk), nn.Linear(dim, num_classes), dim, f"resnet{depth}")
+
+    build.__doc__ = f"torchvision ResNet-{depth}, adapted to small inputs (3×3 stem, no max-pool below 64 px)"
+    return build
+
+
+MODELS.add("resnet18", _resnet(18), summary="torchvision ResNet-18 adapted to 32×32 inputs (3×3 stem, no max-pool)")
+MODELS.add("resnet34", _resnet(34), summary="torchvision ResNet-34 adapted to 32×32 inputs (3×3 stem, no max-pool)")
+
+
+@MODELS.register("mobilenet_v2", summary="torchvision MobileNetV2 (first conv stride 1 for inputs up to 64 px)")
+def mobilenet_v2(input_shape: tuple[int, int, int], num_classes: int) -> FedModel:
+    import torchvision
+
+    c, h, w = input_shape
+    net = torchvision.models.mobilenet_v2(weights=None)
+    first = net.features[0][0]
+    stride = 1 if min(h, w) <= 64 else 2
+    net.features[0][0] = nn.Conv2d(c, first.out_channels, 3, stride, 1, bias=False)
+    dim = net.last_channel
+    return FedModel(_Backbone(net.features), nn.Linear(dim, num_classes), dim, "mobilenet_v2")
+
+
+def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int | None = None, **kwargs) -> FedModel:
+    """Build a registered model; with ``seed`` its initial weights are reproducible (global RNG untouched)."""
+    fn = MODELS.get(name)
+    if seed is None:
+        model = fn(tuple(input_shape), int(num_classes), **kwargs)
+    else:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = fn(tuple(input_shape), int(num_classes), **kwargs)
+    if not isinstance(model, FedModel):
+        raise TypeError(f"model factory '{name}' must return a FedModel")
+    model.arch = model.arch or name
+    return model

@@ -1,0 +1,68 @@
+"""Plots of a run: accuracy and loss per round."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _mpl():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    plt = _mpl()
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    rs = [r["round"] for r in records]
+    for key, label in (("global_acc", "global model"), ("personalized_acc", "personalized")):
+        pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            a1.plot(*zip(*pts), marker=".", label=label)
+    a1.set_xlabel("round")
+    a1.set_ylabel("test accuracy")
+    a1.grid(alpha=0.3)
+    a1.legend()
+    for key, label in (("loss", "train loss"), ("global_loss", "test loss (global)"), ("personalized_loss", "test loss (personalized)")):
+        pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
+        if pts:
+            a2.plot(*zip(*pts), marker=".", label=label)
+    a2.set_xlabel("round")
+    a2.set_ylabel("loss")
+    a2.grid(alpha=0.3)
+    if rs:
+        a2.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def plot_comparison(runs: dict[str, list[dict]], path: str | os.PathLike, key: str = "auto", title: str = "") -> Path:
+    """One curve per run (personalized accuracy where the run has it, else global)."""
+    plt = _mpl()
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for label, recs in runs.items():
+        k = key
+        if k == "auto":
+            k = "personalized_acc" if any(r.get("personalized_acc") is not None for r in recs) else "global_acc"
+        pts = [(r["round"], r[k]) for r in recs if r.get(k) is not None and r.get("stage", "train") == "train"]
+        if pts:
+            ax.plot(*zip(*pts), label=f"{label} ({'pers.' if k == 'personalized_acc' else 'global'})")
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
