@@ -25,9 +25,3 @@ def require_data(name: str) -> Path:
 @pytest.fixture
 def data_root() -> Path:
     return shared_data_root()
-
-
-@pytest.fixture(autouse=True)
-def _quiet_threads(monkeypatch):
-    """Tests run in a fresh working directory-independent way: default runs go under a temp folder."""
-    yield
