@@ -1,13 +1,35 @@
-"""Per-client state lives in a state store, not in per-client objects."""
+"""Per-client state lives in a state store, not in per-client objects.
+
+Two stores share one small interface (``get``/``put``/``cids``/``items``/``close``):
+
+* ``memory`` (the default) keeps every client's state in a dict;
+* ``disk`` writes one safetensors file per client, with a SHA-256 checksum of the tensors in the file's
+  metadata, and reads a state back only when it is asked for. The engine asks for the states of one round's
+  cohort (and evaluation streams clients one at a time), so memory follows the cohort, not the federation.
+
+A file that was truncated, overwritten or bit-flipped fails its checksum and stops the run with a
+:class:`~fedforge.errors.DataError` that names the file, never with a silently wrong state.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+import weakref
 from abc import ABC, abstractmethod
-from typing import Iterator
+from pathlib import Path
+from typing import Any, Iterator
 
+import torch
+
+from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .messages import State
 
-STORES: Registry[type["StateStore"]] = Registry("state store")
+STORES: Registry[type["StateStore"]] = Registry("state store", "choose memory or disk")
 
 
 class StateStore(ABC):
@@ -23,6 +45,7 @@ class StateStore(ABC):
     def cids(self) -> list[int]: ...
 
     def items(self) -> Iterator[tuple[int, State]]:
+        """(cid, state) pairs, read one at a time (a disk store never holds them all)."""
         for cid in self.cids():
             s = self.get(cid)
             if s is not None:
@@ -35,7 +58,7 @@ class StateStore(ABC):
         pass
 
 
-@STORES.register("memory")
+@STORES.register("memory", summary="client states in a dict in memory (the default)")
 class MemoryStore(StateStore):
     """Client states in a dict (the default)."""
 
@@ -50,3 +73,136 @@ class MemoryStore(StateStore):
 
     def cids(self) -> list[int]:
         return sorted(self._d)
+
+
+# ----------------------------------------------------------------------------------------- on disk
+_NAME = re.compile(r"^client-(\d+)\.safetensors$")
+_FORMAT = "fedforge-client-state-1"
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    flat = t.detach().contiguous().reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+def state_digest(state: State) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of a state's tensors (order-independent)."""
+    h = hashlib.sha256()
+    for k in sorted(state):
+        t = state[k]
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)};".encode())
+        h.update(_raw_bytes(t))
+    return h.hexdigest()
+
+
+def _header_metadata(raw: bytes) -> dict[str, str]:
+    n = int.from_bytes(raw[:8], "little")
+    if len(raw) < 8 or n <= 0 or 8 + n > len(raw):
+        raise ValueError("bad header length")
+    header = json.loads(raw[8 : 8 + n])
+    meta = header.get("__metadata__") or {}
+    if not isinstance(meta, dict):
+        raise ValueError("bad metadata")
+    return meta
+
+
+@STORES.register("disk", summary="one checksummed safetensors file per client; memory follows the round's cohort")
+class DiskStore(StateStore):
+    """One ``client-<cid>.safetensors`` file per client under ``path``, each with a checksum of its tensors.
+
+    ``path=None`` uses a temporary folder that is removed when the store is closed or garbage-collected.
+    ``fresh=True`` (a new run) refuses a folder that already holds client states, so that two runs never mix
+    their states; ``fresh=False`` opens such a folder (e.g. to resume a run). Writes are atomic (a temporary file
+    renamed over the old one), so an interrupted write leaves the previous state intact.
+    """
+
+    def __init__(self, path: str | os.PathLike | None = None, fresh: bool = True, **_: Any):
+        self._tmp = path is None
+        self.path = Path(tempfile.mkdtemp(prefix="fedforge-states-")) if path is None else Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"cannot create the state folder {self.path} ({e.strerror}); set state_dir to a writable folder.") from None
+        self._cids: set[int] = set()
+        for f in self.path.iterdir():
+            m = _NAME.match(f.name)
+            if m:
+                self._cids.add(int(m.group(1)))
+        if fresh and self._cids:
+            raise ConfigError(f"the state folder {self.path} already holds {len(self._cids)} client states of another run; "
+                              f"choose an empty state_dir or delete that folder.")
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True) if self._tmp else None
+
+    def file(self, cid: int) -> Path:
+        return self.path / f"client-{int(cid):07d}.safetensors"
+
+    def put(self, cid: int, state: State) -> None:
+        from safetensors.torch import save
+
+        tensors = {}
+        for k, v in state.items():
+            if not isinstance(v, torch.Tensor):
+                raise TypeError(f"client {cid}'s state entry '{k}' is a {type(v).__name__}, not a tensor")
+            tensors[k] = v.detach().to("cpu").contiguous()
+        # safetensors refuses tensors that share memory; a clone of such entries keeps the file self-contained
+        seen: set[tuple[int, int]] = set()
+        for k, v in tensors.items():
+            key = (v.untyped_storage().data_ptr(), v.untyped_storage().nbytes())
+            if v.numel() and key in seen:
+                tensors[k] = v.clone()
+            seen.add(key)
+        data = save(tensors, metadata={"format": _FORMAT, "cid": str(int(cid)), "sha256": state_digest(tensors)})
+        target = self.file(cid)
+        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, target)
+        self._cids.add(int(cid))
+
+    def get(self, cid: int) -> State | None:
+        from safetensors.torch import load
+
+        if int(cid) not in self._cids:
+            return None
+        path = self.file(cid)
+        try:
+            raw = path.read_bytes()
+        except FileNotFoundError:
+            raise DataError(f"client {cid}'s state file {path} has disappeared; the state folder was changed while the run "
+                            f"used it (restart the run, or resume it from a checkpoint).") from None
+        fix = "delete the state folder and restart the run, or resume it from a checkpoint"
+        try:
+            meta = _header_metadata(raw)
+            state = load(raw)
+        except Exception as e:
+            raise DataError(f"client {cid}'s state file {path} is corrupt or truncated ({type(e).__name__}); {fix}.") from None
+        if meta.get("format") != _FORMAT or "sha256" not in meta:
+            raise DataError(f"{path} is not a fedforge client-state file (no checksum in its metadata); {fix}.")
+        if meta.get("cid") != str(int(cid)):
+            raise DataError(f"{path} holds the state of client {meta.get('cid')}, not of client {cid}; {fix}.")
+        if state_digest(state) != meta["sha256"]:
+            raise DataError(f"client {cid}'s state file {path} fails its checksum (the file was modified or damaged); {fix}.")
+        return state
+
+    def cids(self) -> list[int]:
+        return sorted(self._cids)
+
+    def disk_bytes(self) -> int:
+        return sum(self.file(c).stat().st_size for c in self._cids if self.file(c).exists())
+
+    def close(self) -> None:
+        if self._finalizer is not None:
+            self._finalizer()
+
+
+def open_store(kind: str = "memory", path: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
+               fresh: bool = True) -> StateStore:
+    """The state store a run asked for: ``memory``, or ``disk`` under ``path`` (default ``<run_dir>/client_states``,
+    or a temporary folder when the run keeps no directory)."""
+    cls = STORES.get(kind)
+    if cls is DiskStore:
+        where = path if path is not None else (Path(run_dir) / "client_states" if run_dir is not None else None)
+        return DiskStore(where, fresh=fresh)
+    return cls()
