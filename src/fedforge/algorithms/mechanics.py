@@ -135,3 +135,46 @@ def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths: Sequence[float] = (1.0
     xx, yy, xy = torch.cdist(x, x) ** 2, torch.cdist(y, y) ** 2, torch.cdist(x, y) ** 2
     k = lambda d: sum(torch.exp(-d / (2.0 * s * s)) for s in bandwidths)  # noqa: E731
     return k(xx).mean() + k(yy).mean() - 2.0 * k(xy).mean()
+
+
+# ------------------------------------------------------------------------------- model mixtures
+def mix_params(param_sets: Sequence[Mapping[str, torch.Tensor]], coefs: Sequence[float | torch.Tensor],
+               keys: Sequence[str] | None = None) -> Message:
+    """Σ_j c_j · P_j[k] for every floating entry k, differentiable in the tensors and in tensor coefficients.
+
+    Coefficients are used as given (no normalisation; they may be learned, as APFL's α or APPLE's p). Integer
+    entries (e.g. BatchNorm's step counter) are taken from the first set. Used by APFL, APPLE, FedAMP, FedFomo.
+    """
+    if not param_sets:
+        return {}
+    keys = list(keys) if keys is not None else list(param_sets[0].keys())
+    out: Message = {}
+    for k in keys:
+        first = param_sets[0][k]
+        if not first.is_floating_point():
+            out[k] = first
+            continue
+        acc = None
+        for d, c in zip(param_sets, coefs):
+            term = d[k] * c
+            acc = term if acc is None else acc + term
+        out[k] = acc
+    return out
+
+
+def forward_with(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``model(x)`` computed with ``params`` in place of the model's own entries (the rest are the model's).
+
+    Gradients flow to whatever ``params`` were built from (an inner MAML step, a mixture of models), which is
+    how Per-FedAvg, APFL and APPLE differentiate through a model they never load.
+    """
+    return torch.func.functional_call(model, dict(params), (x,))
+
+
+def sq_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None) -> float:
+    """Σ_k ‖a_k − b_k‖² over the floating entries (float64 accumulation), e.g. ‖θ_j − θ_i‖² between two models."""
+    keys = list(keys) if keys is not None else [k for k, v in a.items() if v.is_floating_point()]
+    total = torch.zeros((), dtype=torch.float64)
+    for k in keys:
+        total += (a[k].detach().double() - b[k].detach().double()).pow(2).sum().cpu()
+    return float(total)

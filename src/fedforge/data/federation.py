@@ -74,13 +74,18 @@ class Federation:
         return out.contiguous(memory_format=torch.channels_last)
 
     def train_batches(self, cid: int, batch_size: int, generator: torch.Generator, epochs: int = 1,
-                      fraction: float = 1.0, drop_last: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                      fraction: float = 1.0, drop_last: bool = True,
+                      subset: torch.Tensor | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Shuffled mini-batches of client ``cid``'s training data for ``epochs`` passes.
 
         ``drop_last`` drops an incomplete final batch (as PFLlib's loader does) unless it is the only one.
         ``fraction`` < 1 takes a random subset of that size each epoch.
+        ``subset`` (positions within the client's training indices) restricts the batches to those samples,
+        e.g. the training part when a method holds out a validation split (FedFomo).
         """
         idx = self.train_idx[cid]
+        if subset is not None:
+            idx = idx[torch.as_tensor(subset, dtype=torch.long, device=idx.device)]
         n = idx.numel()
         if n == 0:
             return
