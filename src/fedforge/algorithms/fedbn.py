@@ -1,0 +1,25 @@
+"""FedBN — Li et al., "FedBN: Federated Learning on Non-IID Features via Local Batch Normalization", ICLR 2021.
+
+FedAvg in which every normalisation layer stays on its client: the server averages all other weights,
+w ← Σ_k (n_k / n) · w_k, while client k keeps its own BatchNorm (or GroupNorm/LayerNorm) scale and shift and
+its running mean and variance across rounds. Each client is judged with the shared weights plus its own
+normalisation layers (the paper's evaluation); there is no single global model.
+
+Difference from PFLlib: PFLlib's FedBN skips only *parameters* whose name contains "bn", so BatchNorm running
+statistics and normalisation layers named otherwise are still treated as shared state; here the layers are
+found by type and all of their entries (parameters and buffers) stay local. With a model that has no
+normalisation layer (the plain ``cnn``) FedBN is FedAvg; use ``cnn_bn`` (the paper's CNN with BatchNorm) or a ResNet.
+"""
+from __future__ import annotations
+
+from ..core.algorithm import register_algorithm
+from ._partial import PartialSharing, norm_entries
+
+
+@register_algorithm("fedbn", summary="FedBN (Li et al., ICLR 2021): FedAvg with local normalisation layers and statistics")
+class FedBN(PartialSharing):
+    paper = "Li et al., FedBN: Federated Learning on Non-IID Features via Local Batch Normalization, ICLR 2021"
+
+    def select_shared(self, model) -> set[str]:
+        norms = norm_entries(model)
+        return {k for k in model.state_dict() if k not in norms}

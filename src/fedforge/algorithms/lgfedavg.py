@@ -1,0 +1,27 @@
+"""LG-FedAvg — Liang et al., "Think Locally, Act Globally: Federated Learning with Local and Global
+Representations", NeurIPS 2019 Workshop on Federated Learning (arXiv:2001.01523).
+
+Each client k keeps its own local representation (the body θ_k^l) and shares the global layers (the head θ^g).
+Per round: client k trains (θ_k^l, θ^g) on its data, uploads θ_k^g only; the server sets θ^g ← Σ_k (n_k / n) θ_k^g.
+A client is judged with (θ_k^l, θ^g). Because only the head crosses the network, clients may own different
+architectures as long as they share the feature dimension (``heterogeneous = True``; HtFLlib's LG-FedAvg setting).
+
+Departures from the paper, both as in PFLlib/HtFLlib: the local representation is learned by the supervised
+cross-entropy only (the paper also allows auxiliary unsupervised or fair-representation losses), and the
+global head starts from random initialisation rather than from a FedAvg-pretrained model.
+"""
+from __future__ import annotations
+
+from ..core.algorithm import register_algorithm
+from .mechanics import is_head
+from ._partial import PartialSharing
+
+
+@register_algorithm("lgfedavg", summary="LG-FedAvg (Liang et al., 2020): local body, shared head; works across architectures")
+class LGFedAvg(PartialSharing):
+    paper = ("Liang et al., Think Locally, Act Globally: Federated Learning with Local and Global Representations, "
+             "arXiv:2001.01523, 2020")
+    heterogeneous = True
+
+    def shares(self, name: str) -> bool:
+        return is_head(name)
