@@ -52,6 +52,18 @@ def cnn(input_shape: tuple[int, int, int], num_classes: int, feature_dim: int = 
     return FedModel(features, nn.Linear(feature_dim, num_classes), feature_dim, "cnn")
 
 
+@MODELS.register("cnn_bn", summary="the 4-layer cnn with BatchNorm after each conv and the fc layer (FedBN's setting)")
+def cnn_bn(input_shape: tuple[int, int, int], num_classes: int, feature_dim: int = 512) -> FedModel:
+    base = cnn(input_shape, num_classes, feature_dim)
+    conv1, conv2, fc = base.features[0], base.features[3], base.features[7]
+    features = nn.Sequential(
+        conv1, nn.BatchNorm2d(conv1.out_channels), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        conv2, nn.BatchNorm2d(conv2.out_channels), nn.ReLU(inplace=True), nn.MaxPool2d(2),
+        nn.Flatten(), fc, nn.BatchNorm1d(feature_dim), nn.ReLU(inplace=True),
+    )
+    return FedModel(features, base.head, feature_dim, "cnn_bn")
+
+
 @MODELS.register("mlp", summary="2-hidden-layer perceptron (FedAvg's 2NN): 200 → 200 → head")
 def mlp(input_shape: tuple[int, int, int], num_classes: int, hidden: int = 200) -> FedModel:
     c, h, w = input_shape
