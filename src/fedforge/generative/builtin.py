@@ -1,0 +1,383 @@
+"""The built-in generator: a small DCGAN-style image GAN with an explicit N(0, I) latent prior.
+
+* Generator: z ∈ R^d ~ N(0, I) → Linear → 4×4 map → k transposed-conv up-blocks (BatchNorm, ReLU) → tanh image.
+* Discriminator (training only): strided 4×4 convolutions with spectral normalisation (Miyato et al., 2018),
+  LeakyReLU(0.2), a linear score. Hinge loss (Lim & Ye, 2017; Miyato et al., 2018), Adam(2e-4, β = (0.5, 0.999)),
+  one discriminator step per generator step, and an exponential moving average of the generator's weights
+  (the "G_ema" of the StyleGAN family) which is what gets saved.
+
+Saved as ``generator.safetensors`` (weights) plus ``generator.json`` (architecture and provenance); never pickles.
+Training checkpoints (``checkpoint.safetensors`` + ``checkpoint.json``) hold both networks, both Adam states and
+the random stream, so an interrupted training resumes exactly where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .base import GENERATORS, Generator, GeneratorError, as_generator
+from .images import image_grid, save_png, to_uint8
+
+FORMAT = "fedforge-builtin-generator"
+WEIGHTS, CONFIG = "generator.safetensors", "generator.json"
+CKPT, CKPT_META, LOSSES = "checkpoint.safetensors", "checkpoint.json", "losses.jsonl"
+DEFAULT_ASSET = "builtin-cifar100-0-49"  # under fedforge/assets/
+
+
+# -------------------------------------------------------------------------------------------- networks
+def _levels(resolution: int) -> int:
+    k = int(round(math.log2(resolution / 4)))
+    if resolution < 8 or 4 * 2**k != resolution:
+        raise GeneratorError(f"the built-in generator makes square images of 4·2^k pixels (8, 16, 32, 64, ...), not {resolution}.")
+    return k
+
+
+class GeneratorNet(nn.Module):
+    """z → image in [−1, 1] (NCHW)."""
+
+    def __init__(self, latent_dim: int = 128, resolution: int = 32, channels: int = 3, base_channels: int = 128):
+        super().__init__()
+        k = _levels(resolution)
+        width = [base_channels * 2 ** (k - 1 - i) for i in range(k)]  # e.g. 512, 256, 128 for k=3, base 128
+        self.fc = nn.Linear(latent_dim, width[0] * 16)
+        self.bn0 = nn.BatchNorm2d(width[0])
+        blocks: list[nn.Module] = []
+        for i in range(k - 1):
+            blocks += [nn.ConvTranspose2d(width[i], width[i + 1], 4, 2, 1, bias=False), nn.BatchNorm2d(width[i + 1]), nn.ReLU(True)]
+        blocks += [nn.ConvTranspose2d(width[-1], channels, 4, 2, 1), nn.Tanh()]
+        self.up = nn.Sequential(*blocks)
+        self.width0 = width[0]
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = self.fc(z).view(z.shape[0], self.width0, 4, 4)
+        return self.up(F.relu(self.bn0(h)))
+
+
+class DiscriminatorNet(nn.Module):
+    """image → one real/fake score (spectrally normalised convolutions)."""
+
+    def __init__(self, resolution: int = 32, channels: int = 3, base_channels: int = 64):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        k = _levels(resolution)
+        layers: list[nn.Module] = []
+        c_in = channels
+        for i in range(k):
+            c_out = base_channels * 2**i
+            layers += [sn(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2, True)]
+            c_in = c_out
+        self.body = nn.Sequential(*layers, nn.Flatten())
+        self.score = sn(nn.Linear(c_in * 16, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(self.body(x)).flatten()
+
+
+# ------------------------------------------------------------------------------------------ the back-end
+class BuiltinGenerator(Generator):
+    """A trained :class:`GeneratorNet` seen through the :class:`Generator` interface (prior N(0, I))."""
+
+    kind = "builtin"
+
+    def __init__(self, net: GeneratorNet, config: dict, device: str | torch.device = "cpu", source: str = ""):
+        self.net = net.to(device).eval().requires_grad_(False)
+        self.config = config
+        self.device = torch.device(device)
+        self.latent_dim = int(config["latent_dim"])
+        self.resolution = int(config["resolution"])
+        self.channels = int(config["channels"])
+        self.source = source
+
+    def sample_prior(self, n: int, rng=None) -> torch.Tensor:
+        return torch.randn(int(n), self.latent_dim, generator=as_generator(rng))
+
+    @torch.no_grad()
+    def synthesize(self, latents: torch.Tensor, condition: Any = None) -> np.ndarray:
+        z = self.check_latents(latents)
+        out = [to_uint8(self.net(z[i : i + 256].to(self.device))) for i in range(0, z.shape[0], 256)]
+        if not out:
+            return np.zeros((0, self.resolution, self.resolution, self.channels), np.uint8)
+        return np.concatenate(out)
+
+    def __repr__(self) -> str:
+        return f"BuiltinGenerator({self.source or 'in memory'}, latent {self.latent_dim}, {self.resolution}px)"
+
+
+def default_asset_dir() -> Path:
+    return Path(str(resources.files("fedforge") / "assets" / DEFAULT_ASSET))
+
+
+def _resolve(path: str | None) -> tuple[Path, Path]:
+    if not path:
+        base = default_asset_dir()
+        return base / WEIGHTS, base / CONFIG
+    p = Path(path).expanduser()
+    if p.is_dir():
+        return p / WEIGHTS, p / CONFIG
+    if p.suffix == ".json":
+        return p.with_suffix(".safetensors"), p
+    return p, p.with_suffix(".json")
+
+
+def load_builtin(path: str | None = None, device: str | torch.device = "cpu") -> BuiltinGenerator:
+    """Load ``generator.safetensors`` + ``generator.json`` from a folder (default: the shipped CIFAR-100 0–49 model)."""
+    from safetensors.torch import load_file
+
+    weights, cfg_path = _resolve(path)
+    where = path or "the shipped built-in generator"
+    for f in (weights, cfg_path):
+        if not f.is_file():
+            raise GeneratorError(
+                f"built-in generator file {f} is missing; train one with `fedforge generator train --out DIR` "
+                f"and pass --generator builtin:DIR (a folder holding {WEIGHTS} and {CONFIG}).")
+    try:
+        config = json.loads(cfg_path.read_text())
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            raise ValueError("not a fedforge built-in generator config")
+        net = GeneratorNet(int(config["latent_dim"]), int(config["resolution"]), int(config["channels"]), int(config["base_channels"]))
+    except GeneratorError:
+        raise
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise GeneratorError(f"{cfg_path} is not a valid built-in generator config ({e}); re-copy it or retrain the generator.") from None
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise GeneratorError(f"{weights} is corrupt or not a safetensors file ({type(e).__name__}); re-copy it or retrain the generator.") from None
+    own = net.state_dict()
+    if set(state) != set(own) or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
+        raise GeneratorError(f"{weights} does not match the architecture in {cfg_path}; keep the two files of one training together.")
+    net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    return BuiltinGenerator(net, config, device, source=str(where))
+
+
+@GENERATORS.register("builtin", summary="fedforge's own small GAN, N(0,I) latent prior; builtin[:DIR] (default: shipped, CIFAR-100 classes 0-49)")
+def _builtin_factory(arg: str | None, device: str = "cpu", trust_pickle: bool = False, **options: Any) -> BuiltinGenerator:
+    if options:
+        raise GeneratorError(f"the builtin generator has no option '{next(iter(options))}'; it takes none besides device.")
+    return load_builtin(arg, device)
+
+
+def save_builtin(net: GeneratorNet, config: dict, out: str | os.PathLike, half: bool = True) -> Path:
+    """Write ``generator.safetensors`` (fp16 by default: half the size, no visible change) and ``generator.json``."""
+    from safetensors.torch import save_file
+
+    from ..results.rundir import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
+             for k, v in net.state_dict().items()}
+    tmp = out / (".tmp-" + WEIGHTS)
+    save_file(state, str(tmp))
+    os.replace(tmp, out / WEIGHTS)
+    atomic_write_text(out / CONFIG, json.dumps({**config, "format": FORMAT, "dtype": "float16" if half else "float32"}, indent=2) + "\n")
+    return out
+
+
+# --------------------------------------------------------------------------------------------- training
+def _flatten_opt(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    out = {}
+    for idx, st in opt.state_dict()["state"].items():
+        for name, t in st.items():
+            out[f"{prefix}/{idx}/{name}"] = torch.as_tensor(t).detach().clone().contiguous()
+    return out
+
+
+def _restore_opt(prefix: str, opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
+    sd = opt.state_dict()
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    p = prefix + "/"
+    for k, v in flat.items():
+        if k.startswith(p):
+            idx, name = k[len(p):].split("/", 1)
+            state.setdefault(int(idx), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
+
+
+@torch.no_grad()
+def recalibrate_batchnorm(net: GeneratorNet, latent_dim: int, gen: torch.Generator, batches: int = 20, batch_size: int = 256) -> None:
+    """Recompute BatchNorm running statistics as exact averages over fresh prior batches (for the EMA weights)."""
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    net.train()
+    for _ in range(batches):
+        net(torch.randn(batch_size, latent_dim, generator=gen))
+    for m, mom in zip(bns, saved):
+        m.momentum = mom
+    net.eval()
+
+
+def plot_losses(log: list[dict], path: str | os.PathLike, title: str = "built-in generator training") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in log]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for key, label in (("d_loss", "discriminator (hinge)"), ("g_loss", "generator (−D(G(z)))")):
+        axes[0].plot(steps, [r[key] for r in log], label=label, lw=1)
+    axes[0].set_xlabel("step")
+    axes[0].set_ylabel("loss (mean over the logging interval)")
+    axes[0].legend()
+    axes[0].set_title("losses")
+    for key, label in (("d_real", "D(real)"), ("d_fake", "D(G(z))")):
+        axes[1].plot(steps, [r[key] for r in log], label=label, lw=1)
+    axes[1].set_xlabel("step")
+    axes[1].set_ylabel("mean discriminator score")
+    axes[1].legend()
+    axes[1].set_title("discriminator scores")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, batch_size: int = 64, latent_dim: int = 128,
+                  base_channels: int = 128, d_channels: int = 64, lr: float = 2e-4, ema_decay: float = 0.999,
+                  seed: int = 0, checkpoint_every: int = 250, log_every: int = 25, meta: dict | None = None,
+                  progress: bool = True, on_log: Callable[[dict], None] | None = None) -> dict:
+    """Train the built-in GAN on uint8 NHWC images ``x`` and write it (and its curves and samples) into ``out``.
+
+    Resumes from ``out/checkpoint.*`` when present (the architecture must match; ``steps`` may grow).
+    Returns the final ``generator.json`` contents.
+    """
+    from safetensors.torch import load_file, save_file
+
+    from ..results.rundir import atomic_write_text
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n, h, w, c = x.shape
+    if h != w:
+        raise GeneratorError(f"the built-in generator is trained on square images, got {h}×{w}.")
+    arch = {"latent_dim": latent_dim, "resolution": h, "channels": c, "base_channels": base_channels, "d_channels": d_channels,
+            "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "seed": seed}
+    torch.manual_seed(seed)
+    G, D = GeneratorNet(latent_dim, h, c, base_channels), DiscriminatorNet(h, c, d_channels)
+    G_ema = GeneratorNet(latent_dim, h, c, base_channels)
+    G_ema.load_state_dict(G.state_dict())
+    G_ema.requires_grad_(False)
+    opt_g = torch.optim.Adam(G.parameters(), lr, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), lr, betas=(0.5, 0.999))
+    gen = torch.Generator().manual_seed(seed)
+    step, elapsed, log = 0, 0.0, []
+    if (out / CKPT_META).is_file() and (out / CKPT).is_file():
+        meta_ck = json.loads((out / CKPT_META).read_text())
+        if meta_ck.get("arch") != arch:
+            raise GeneratorError(f"{out} holds a checkpoint of another configuration ({meta_ck.get('arch')}); use another --out.")
+        flat = load_file(str(out / CKPT))
+        for prefix, mod in (("G", G), ("D", D), ("G_ema", G_ema)):
+            mod.load_state_dict({k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")})
+        _restore_opt("opt_g", opt_g, flat)
+        _restore_opt("opt_d", opt_d, flat)
+        gen.set_state(flat["rng"])
+        step, elapsed = int(meta_ck["step"]), float(meta_ck["elapsed_seconds"])
+        if (out / LOSSES).is_file():
+            log = [json.loads(line) for line in (out / LOSSES).read_text().splitlines() if line.strip()]
+            log = [r for r in log if r["step"] <= step]
+
+    data = torch.from_numpy(np.ascontiguousarray(x))
+    fixed_z = torch.randn(64, latent_dim, generator=torch.Generator().manual_seed(seed + 1))
+
+    def checkpoint() -> None:
+        flat = {f"G.{k}": v for k, v in G.state_dict().items()} | {f"D.{k}": v for k, v in D.state_dict().items()}
+        flat |= {f"G_ema.{k}": v for k, v in G_ema.state_dict().items()}
+        flat |= _flatten_opt("opt_g", opt_g) | _flatten_opt("opt_d", opt_d)
+        flat["rng"] = gen.get_state()
+        flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+        save_file(flat, str(out / ("." + CKPT + ".tmp")))
+        os.replace(out / ("." + CKPT + ".tmp"), out / CKPT)
+        atomic_write_text(out / LOSSES, "".join(json.dumps(r) + "\n" for r in log))
+        atomic_write_text(out / CKPT_META, json.dumps({"arch": arch, "step": step, "elapsed_seconds": elapsed}, indent=2) + "\n")
+
+    def export() -> dict:
+        final = GeneratorNet(latent_dim, h, c, base_channels)
+        final.load_state_dict(G_ema.state_dict())
+        recalibrate_batchnorm(final, latent_dim, torch.Generator().manual_seed(seed + 2))
+        config = {"latent_dim": latent_dim, "resolution": h, "channels": c, "base_channels": base_channels,
+                  "prior": "N(0, I)", "steps": step, "train_seconds": round(elapsed, 1), "train_images": int(n),
+                  "batch_size": batch_size, "lr": lr, "ema_decay": ema_decay, "d_channels": d_channels, "seed": seed,
+                  "torch_threads": torch.get_num_threads(), **(meta or {})}
+        save_builtin(final, config, out)
+        g = BuiltinGenerator(final, config)
+        save_png(image_grid(g.synthesize(fixed_z), ncol=8), out / "samples.png", upscale=2)
+        if log:
+            plot_losses(log, out / "losses.png")
+        return config
+
+    bar = None
+    if progress and step < steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc="generator", unit="step", dynamic_ncols=True)
+    acc = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "n": 0}
+    G.train()
+    D.train()
+    t_last = time.perf_counter()
+    while step < steps:
+        idx = torch.randint(0, n, (batch_size,), generator=gen)
+        real = data[idx].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        if c == 3:
+            flip = torch.rand(batch_size, generator=gen) < 0.5
+            real[flip] = real[flip].flip(-1)
+        z = torch.randn(batch_size, latent_dim, generator=gen)
+        fake = G(z)
+        s_real, s_fake = D(real), D(fake.detach())
+        d_loss = F.relu(1.0 - s_real).mean() + F.relu(1.0 + s_fake).mean()
+        opt_d.zero_grad(set_to_none=True)
+        d_loss.backward()
+        opt_d.step()
+        g_loss = -D(fake).mean()
+        opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        opt_g.step()
+        with torch.no_grad():
+            for pe, p in zip(G_ema.parameters(), G.parameters()):
+                pe.lerp_(p, 1.0 - ema_decay)
+            for be, b in zip(G_ema.buffers(), G.buffers()):
+                be.copy_(b)
+        step += 1
+        acc["d_loss"] += float(d_loss.detach())
+        acc["g_loss"] += float(g_loss.detach())
+        acc["d_real"] += float(s_real.detach().mean())
+        acc["d_fake"] += float(s_fake.detach().mean())
+        acc["n"] += 1
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        if step % log_every == 0 or step == steps:
+            k = acc.pop("n")
+            rec = {"step": step, **{key: v / k for key, v in acc.items()}, "seconds": round(elapsed, 1)}
+            log.append(rec)
+            acc = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "n": 0}
+            if on_log:
+                on_log(rec)
+            if bar is not None:
+                bar.set_postfix(d=f"{rec['d_loss']:.3f}", g=f"{rec['g_loss']:.3f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        if step % checkpoint_every == 0 or step == steps:
+            checkpoint()
+            export()
+            t_last = time.perf_counter()  # writing outputs is not training time
+    if bar is not None:
+        bar.close()
+    if not (out / CKPT).is_file():
+        checkpoint()
+    return export()
