@@ -67,8 +67,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import algorithms  # noqa: F401
     from .core.simulation import Simulation
 
-    cfg = config_from_args(args)
-    sim = Simulation(cfg, run_dir=cfg.out or None, progress=not args.no_progress)
+    resume = getattr(args, "resume", None)
+    if resume:
+        from .core.simulation import resume_config
+
+        names = {f.name for f in dataclasses.fields(RunConfig)}
+        cfg = resume_config(resume, load_yaml(args.config) if getattr(args, "config", None) else None,
+                            {k: v for k, v in vars(args).items() if k in names}, parse_assignments(getattr(args, "set", [])))
+    else:
+        cfg = config_from_args(args)
+    sim = Simulation(cfg, run_dir=cfg.out or None, progress=not args.no_progress, resume=resume)
     log.info("%s", sim.describe())
     log.info("run directory: %s", sim.run_dir.path if sim.run_dir else "-")
     res = sim.run()
@@ -212,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run one experiment (no options: FedAvg on digits, offline)")
     add_config_options(r)
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped or killed run from its last checkpoint "
+                   "(options given must match the run's own, except those that do not change results)")
     r.set_defaults(func=cmd_run)
 
     pa = sub.add_parser("partition", help="partition a dataset, print its statistics, write a heat-map")
@@ -261,6 +271,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except FedforgeError as e:
+        from .core.faults import AlreadyComplete, RunInterrupted
+
+        if isinstance(e, (AlreadyComplete, RunInterrupted)):  # not errors: say what happened and how to go on
+            print(f"fedforge: {e}", file=sys.stderr)
+            return e.exit_code
         print(f"fedforge: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:

@@ -57,6 +57,11 @@ class RunConfig:
     device: str = opt("cpu", "cpu or cuda[:N]")
     out: str | None = opt(None, "run directory (default: runs/<dataset>_<algorithm>_<time>)")
     params: dict = opt({}, "algorithm hyper-parameters (YAML mapping; --set key=value)", flag=False)
+    # reliability (docs/reliability.md)
+    checkpoint_every: int = opt(10, "write a resumable checkpoint every N rounds (0: only at the end); always at the end", ge=0)
+    fail_rate: float = opt(0.0, "inject failures (exception, timeout, straggler) into this share of local updates", ge=0, le=1)
+    max_fail_fraction: float = opt(0.5, "stop (with a checkpoint) when more than this share of a round's clients fail", ge=0, le=1)
+    on_nan: str = opt("stop", "a NaN/Inf loss or upload: stop the run, or skip the offending client", choices=("stop", "skip"))
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -76,7 +81,7 @@ class RunConfig:
     def identity(self) -> dict[str, Any]:
         """The fields that determine results (not where they are written or how progress is shown)."""
         d = self.to_dict()
-        for k in ("out", "data_root", "download", "workers", "threads"):
+        for k in ("out", "data_root", "download", "workers", "threads", "checkpoint_every", "max_fail_fraction", "on_nan"):
             d.pop(k, None)
         return d
 

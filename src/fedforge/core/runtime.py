@@ -39,6 +39,7 @@ class WorkerSpec:
     algorithm: Algorithm
     augment: bool = False
     threads: int = 0
+    faults: Any = None  # a core.faults.FaultPlan: train tasks then return failures as ClientFailure values
 
 
 def task_seed(seed: int, rnd: int, cid: int, kind: str) -> int:
@@ -74,6 +75,13 @@ class Worker:
         return self._inits[arch]
 
     def run(self, task: Task) -> Update | EvalResult | State:
+        if task.kind == "train" and self.spec.faults is not None:
+            from .faults import run_guarded
+
+            return run_guarded(self.spec.faults, task.round, task.cid, lambda: self._run(task))
+        return self._run(task)
+
+    def _run(self, task: Task) -> Update | EvalResult | State:
         seed = task_seed(self.ctx.seed, task.round, task.cid, task.kind)
         torch.manual_seed(seed)
         random.seed(seed)
