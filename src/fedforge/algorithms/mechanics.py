@@ -178,3 +178,69 @@ def sq_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], ke
     for k in keys:
         total += (a[k].detach().double() - b[k].detach().double()).pow(2).sum().cpu()
     return float(total)
+
+
+# --------------------------------------------------------------------------- heterogeneous models
+def architecture_facts(ctx) -> dict[str, dict]:
+    """Per architecture of the federation: its ``feature_dim`` and its head's entry shapes (built once per process)."""
+    return {a: _arch_facts(a, tuple(ctx.input_shape), int(ctx.num_classes)) for a in ctx.arch_set}
+
+
+_FACTS: dict[tuple, dict] = {}
+
+
+def _arch_facts(arch: str, input_shape: tuple, num_classes: int) -> dict:
+    key = (arch, input_shape, num_classes)
+    if key not in _FACTS:
+        from ..models import create_model
+
+        m = create_model(arch, input_shape, num_classes, seed=0)
+        _FACTS[key] = {"feature_dim": m.feature_dim,
+                       "head": tuple((k, tuple(v.shape)) for k, v in m.head.state_dict().items())}
+    return _FACTS[key]
+
+
+def require_common_feature_dim(ctx, who: str) -> int:
+    """The feature dimension every client's model shares; ConfigError naming the mismatch otherwise."""
+    from ..errors import ConfigError
+
+    dims = {a: f["feature_dim"] for a, f in architecture_facts(ctx).items()}
+    if len(set(dims.values())) != 1:
+        listing = ", ".join(f"{a}: {d}" for a, d in dims.items())
+        raise ConfigError(f"{who} exchanges feature-space vectors, so every architecture needs the same feature "
+                          f"dimension, but they differ ({listing}); use a model group (`fedforge list models`) "
+                          f"or ht_* architectures, which all map to 512.")
+    return next(iter(dims.values()))
+
+
+def require_same_head(ctx, who: str) -> None:
+    """Methods that average or share the head need one head shape across architectures."""
+    from ..errors import ConfigError
+
+    heads = {a: f["head"] for a, f in architecture_facts(ctx).items()}
+    first = next(iter(heads))
+    for a, h in heads.items():
+        if h != heads[first]:
+            raise ConfigError(f"{who} shares the classification head, so every architecture needs the same head, "
+                              f"but {a} and {first} differ; choose a group without heterogeneous heads "
+                              f"(e.g. htfe-img-8 instead of htfe-img-8-htc-img-4).")
+
+
+def prototype_matrix(protos: Mapping[int, torch.Tensor], num_classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, d) matrix of class prototypes (zero rows where absent) and the (C,) mask of classes that have one."""
+    P = torch.zeros(num_classes, dim)
+    mask = torch.zeros(num_classes, dtype=torch.bool)
+    for c, v in protos.items():
+        P[c] = v.detach().float().reshape(-1)
+        mask[c] = True
+    return P, mask
+
+
+def nearest_prototype_scores(z: torch.Tensor, P: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Scores for nearest-prototype inference: −‖z − P_c‖₂ per class; classes without a prototype score lowest."""
+    d = torch.cdist(z.float(), P.to(z.device).float())
+    scores = -d
+    if not bool(mask.all()):
+        low = scores.detach().min() - 50.0
+        scores = torch.where(mask.to(z.device).unsqueeze(0), scores, low)
+    return scores
