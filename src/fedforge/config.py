@@ -53,6 +53,9 @@ class RunConfig:
     executor: str = opt("sequential", "how local updates run: sequential, process, ray, vectorized")
     workers: int = opt(0, "workers for the process/ray executors (0: one per core)", ge=0)
     threads: int = opt(0, "torch threads per worker (0: automatic)", ge=0)
+    ray_address: str | None = opt(None, "Ray cluster for the ray executor (default: $RAY_ADDRESS, else a local cluster)")
+    state_store: str = opt("memory", "where client states live: memory, or disk (one checksummed file per client)", choices=("memory", "disk"))
+    state_dir: str | None = opt(None, "folder of the disk state store (default: <run dir>/client_states, or a temporary folder)")
     precision: str = opt("fp32", "fp32 or bf16 (autocast)", choices=("fp32", "bf16"))
     device: str = opt("cpu", "cpu or cuda[:N]")
     out: str | None = opt(None, "run directory (default: runs/<dataset>_<algorithm>_<time>)")
@@ -82,6 +85,8 @@ class RunConfig:
         """The fields that determine results (not where they are written or how progress is shown)."""
         d = self.to_dict()
         for k in ("out", "data_root", "download", "workers", "threads", "checkpoint_every", "max_fail_fraction", "on_nan"):
+            d.pop(k, None)
+        for k in ("ray_address", "state_store", "state_dir"):  # where the work runs and states live, not results
             d.pop(k, None)
         return d
 

@@ -13,3 +13,4 @@ from ..core.algorithm import Algorithm, register_algorithm
 @register_algorithm("fedavg", summary="FedAvg (McMahan et al., AISTATS 2017): sample-weighted model averaging")
 class FedAvg(Algorithm):
     paper = "McMahan et al., Communication-Efficient Learning of Deep Networks from Decentralized Data, AISTATS 2017"
+    vectorizable = True  # plain cross-entropy SGD from the global model: the vectorized executor can batch clients

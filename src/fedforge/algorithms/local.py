@@ -32,3 +32,12 @@ class Local(Algorithm):
 
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)
+
+    # plain cross-entropy SGD from the client's own model: the vectorized executor can batch clients
+    vectorizable = True
+
+    def vector_start(self, msg: Message, state: State) -> Message:
+        return model_entries(state)
+
+    def vector_finish(self, rt, msg: Message, state: State, weights: State, stats) -> Update:
+        return Update({}, weights, rt.num_train, stats.as_dict())

@@ -116,6 +116,19 @@ class Algorithm:
 
     loss = None  # a LossFn (model, x, y) -> loss; None means cross-entropy
 
+    # Opt-in for the vectorized executor (core/vectorized.py): set True only when ``local_update`` is exactly
+    # "start from ``vector_start(msg, state)``, plain SGD with cross-entropy on all parameters over ``rt.batches()``,
+    # then ``vector_finish(...)``"; the executor then trains many clients at once with torch.func.
+    vectorizable: ClassVar[bool] = False
+
+    def vector_start(self, msg: Message, state: State) -> Message:
+        """Weights a vectorizable local update starts from (default: the received model)."""
+        return model_entries(msg)
+
+    def vector_finish(self, rt: "ClientRuntime", msg: Message, state: State, weights: State, stats: Any) -> Update:
+        """The Update of a vectorizable local update given its trained weights (default: upload them, keep state)."""
+        return Update(weights, state, rt.num_train, stats.as_dict())
+
     def global_params(self, msg: Message) -> Message:
         return model_entries(msg)
 

@@ -114,11 +114,13 @@ class DiskStore(StateStore):
 
     ``path=None`` uses a temporary folder that is removed when the store is closed or garbage-collected.
     ``fresh=True`` (a new run) refuses a folder that already holds client states, so that two runs never mix
-    their states; ``fresh=False`` opens such a folder (e.g. to resume a run). Writes are atomic (a temporary file
-    renamed over the old one), so an interrupted write leaves the previous state intact.
+    their states; ``fresh=False`` opens such a folder as it is, and ``clear=True`` first deletes the client-state
+    files in it (a resumed run refills the store from its checkpoint, and states written after that checkpoint
+    must not survive). Writes are atomic (a temporary file renamed over the old one), so an interrupted write
+    leaves the previous state intact.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, fresh: bool = True, **_: Any):
+    def __init__(self, path: str | os.PathLike | None = None, fresh: bool = True, clear: bool = False, **_: Any):
         self._tmp = path is None
         self.path = Path(tempfile.mkdtemp(prefix="fedforge-states-")) if path is None else Path(path)
         try:
@@ -128,7 +130,9 @@ class DiskStore(StateStore):
         self._cids: set[int] = set()
         for f in self.path.iterdir():
             m = _NAME.match(f.name)
-            if m:
+            if m and clear:
+                f.unlink()
+            elif m:
                 self._cids.add(int(m.group(1)))
         if fresh and self._cids:
             raise ConfigError(f"the state folder {self.path} already holds {len(self._cids)} client states of another run; "
@@ -198,11 +202,11 @@ class DiskStore(StateStore):
 
 
 def open_store(kind: str = "memory", path: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
-               fresh: bool = True) -> StateStore:
+               fresh: bool = True, clear: bool = False) -> StateStore:
     """The state store a run asked for: ``memory``, or ``disk`` under ``path`` (default ``<run_dir>/client_states``,
     or a temporary folder when the run keeps no directory)."""
     cls = STORES.get(kind)
     if cls is DiskStore:
         where = path if path is not None else (Path(run_dir) / "client_states" if run_dir is not None else None)
-        return DiskStore(where, fresh=fresh)
+        return DiskStore(where, fresh=fresh and not clear, clear=clear)
     return cls()

@@ -1,0 +1,159 @@
+"""The ``ray`` executor: the same client tasks on a Ray cluster (a local one by default, or ``ray_address``).
+
+Optional extra: ``pip install 'fedforge[ray]'``. Ray is imported only when this executor starts.
+
+The worker spec (pooled dataset, partition, algorithm) is put into Ray's object store once; each actor (one per
+CPU, ``threads`` torch threads each, default 1) builds its Worker from it, reading the dataset's arrays in place
+from shared memory. Tasks go to whichever actor is free, longest first, and results come back in task order, so a
+given seed gives the same numbers as the sequential and process executors, bit for bit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Iterable, Iterator
+
+from ..core.executors import EXECUTORS, Executor, describe_error, raise_remote, schedule, task_threads, usable_cores
+from ..core.runtime import Task, WorkerSpec
+from ..errors import ConfigError
+
+log = logging.getLogger("fedforge")
+
+INSTALL_HINT = "the ray executor needs Ray: pip install 'fedforge[ray]' (or pip install ray), or use --executor process."
+
+
+def import_ray():
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError(INSTALL_HINT) from None
+    return ray
+
+
+class _RayWorker:
+    """Actor body: one Worker built once from the spec in the object store."""
+
+    def __init__(self, spec: WorkerSpec, threads: int):
+        import warnings
+
+        import torch
+
+        from ..core.runtime import Worker
+
+        torch.set_num_threads(threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass
+        with warnings.catch_warnings():  # the object store hands out read-only arrays; they are only read
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            self.worker = Worker(spec)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    def run(self, task: Task):
+        try:
+            return ("ok", self.worker.run(task))
+        except BaseException as e:
+            return ("error", *describe_error(e))
+
+
+@EXECUTORS.register("ray", summary="the same tasks on a Ray cluster (local by default, or ray_address); extra fedforge[ray]")
+class RayExecutor(Executor):
+    """Client tasks on Ray actors: ``workers`` actors (default: the cluster's CPUs), ``threads`` torch threads each.
+
+    ``address``: a cluster to join (``"auto"``, ``"ray://host:10001"``, ...); by default ``$RAY_ADDRESS`` if set,
+    else a local cluster that this executor starts and shuts down. A Ray session that is already initialised is
+    used as it is and left running.
+    """
+
+    name = "ray"
+
+    def __init__(self, workers: int = 0, threads: int = 0, address: str | None = None, **options: Any):
+        super().__init__(workers, threads, **options)
+        self.address = address
+        self._started = False
+        self.actors: list = []
+
+    def start(self, spec: WorkerSpec) -> None:
+        ray = import_ray()
+        self.spec = spec
+        if not ray.is_initialized():
+            address = self.address or os.environ.get("RAY_ADDRESS")
+            kwargs: dict[str, Any] = dict(include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+            if address:
+                ray.init(address=address, **kwargs)
+            else:
+                ray.init(num_cpus=self.workers or usable_cores(), **kwargs)
+            self._started = True
+        n = self.workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        actor = ray.remote(num_cpus=1)(_RayWorker)
+        ref = ray.put(spec)
+        threads = task_threads(self.threads)
+        try:
+            self.actors = [actor.remote(ref, threads) for _ in range(n)]
+            ray.get([a.ready.remote() for a in self.actors])
+        except Exception as e:
+            self.close()
+            cause = getattr(e, "cause", None)
+            raise RuntimeError(f"the ray executor could not start its {n} workers: {cause or e}") from None
+        log.debug("ray executor: %d actors, %d torch thread(s) each", n, threads)
+
+    def imap(self, tasks: Iterable[Task]) -> Iterator[Any]:
+        ray = import_ray()
+        if not self.actors:
+            raise RuntimeError("the ray executor was not started (call start(spec) first)")
+        source = schedule(self.spec, tasks, len(self.actors))
+        free = list(range(len(self.actors)))
+        inflight: dict[Any, tuple[int, int, Task]] = {}  # object ref -> (actor, index, task)
+        done: dict[int, Any] = {}
+        nxt = 0
+        exhausted = False
+        try:
+            while True:
+                while free and not exhausted:
+                    item = next(source, None)
+                    if item is None:
+                        exhausted = True
+                        break
+                    a = free.pop(0)
+                    inflight[self.actors[a].run.remote(item[1])] = (a, *item)
+                if not inflight:
+                    break
+                ready, _ = ray.wait(list(inflight), num_returns=1)
+                for ref in ready:
+                    a, idx, task = inflight.pop(ref)
+                    free.append(a)
+                    try:
+                        msg = ray.get(ref)
+                    except Exception as e:  # the actor died (killed, out of memory, node lost)
+                        raise RuntimeError(f"ray worker {a} died while running client {task.cid}'s {task.kind} task "
+                                           f"({type(e).__name__}); if it ran out of memory, use fewer workers.") from None
+                    if msg[0] == "error":
+                        raise_remote(msg[1], msg[2], f"client {task.cid}'s {task.kind} task (round {task.round}) on ray worker {a}")
+                    done[idx] = msg[1]
+                while nxt in done:
+                    yield done.pop(nxt)
+                    nxt += 1
+        finally:
+            if inflight:
+                try:
+                    ray.wait(list(inflight), num_returns=len(inflight))
+                except Exception:
+                    pass
+
+    def close(self) -> None:
+        try:
+            import ray
+        except ImportError:
+            return
+        for a in self.actors:
+            try:
+                ray.kill(a)
+            except Exception:
+                pass
+        self.actors = []
+        if self._started and ray.is_initialized():
+            ray.shutdown()
+        self._started = False
