@@ -74,8 +74,9 @@ def ala_names(model: nn.Module, layer_idx: int) -> list[str]:
 
 def ala_combine(local: Mapping[str, torch.Tensor], glob: Mapping[str, torch.Tensor],
                 weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """θ_local + (θ_global − θ_local) ⊙ W for each adapted tensor."""
-    return {n: local[n] + (glob[n] - local[n]) * w for n, w in weights.items()}
+    """θ_local + (θ_global − θ_local) ⊙ W for each adapted tensor, computed as θ_global + (θ_local − θ_global) ⊙ (1 − W)
+    so that W = 1 gives the global tensor exactly."""
+    return {n: glob[n] + (local[n] - glob[n]) * (1.0 - w) for n, w in weights.items()}
 
 
 def projected_step_hook(eta: float):
@@ -107,10 +108,10 @@ def learn_ala_weights(module: nn.Module, local: Mapping[str, torch.Tensor], glob
     if eta == 0 or not names or not batches:
         return {n: t.detach() for n, t in w.items()}, []
     local_d = {n: local[n].detach() for n in names}
-    delta = {n: (glob[n] - local[n]).detach() for n in names}
+    glob_d = {n: glob[n].detach() for n in names}
 
     def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        params = {n: local_d[n] + delta[n] * w[n] for n in names}
+        params = ala_combine(local_d, glob_d, w)
         return F.cross_entropy(functional_call(m, params, (x,)), y)
 
     hook = projected_step_hook(eta)
