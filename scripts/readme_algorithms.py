@@ -1,0 +1,58 @@
+"""Rewrite the algorithm table of README.md from the registry (keeps the README true).
+
+Usage: python scripts/readme_algorithms.py [--check]
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+START, END = "<!-- algorithms:start -->", "<!-- algorithms:end -->"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+FAMILIES = [
+    ("Traditional FL (one global model)", lambda c: c.has_global and not c.personalized and not c.heterogeneous),
+    ("Personalized FL (each client judged with its own model)", lambda c: c.personalized and not c.heterogeneous),
+    ("Heterogeneous-model FL (clients may own different architectures)", lambda c: c.heterogeneous),
+    ("Other", lambda c: True),
+]
+
+
+def table() -> str:
+    from fedforge.algorithms import ALGORITHMS
+
+    seen: set[str] = set()
+    out = []
+    for title, pred in FAMILIES:
+        rows = [e for e in ALGORITHMS.entries() if e.name not in seen and pred(e.obj)]
+        if not rows:
+            continue
+        out += [f"**{title}**", "", "| name | what it does | paper |", "|---|---|---|"]
+        for e in rows:
+            seen.add(e.name)
+            summary = e.summary.replace("|", "\\|")
+            out.append(f"| `{e.name}` | {summary} | {getattr(e.obj, 'paper', '') or '-'} |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def render(text: str) -> str:
+    head, rest = text.split(START, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{START}\n{table()}{END}{tail}"
+
+
+def main() -> int:
+    text = README.read_text()
+    new = render(text)
+    if "--check" in sys.argv:
+        if new != text:
+            print("README.md's algorithm table is out of date: run python scripts/readme_algorithms.py")
+            return 1
+        return 0
+    README.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
