@@ -65,6 +65,10 @@ class RunConfig:
     fail_rate: float = opt(0.0, "inject failures (exception, timeout, straggler) into this share of local updates", ge=0, le=1)
     max_fail_fraction: float = opt(0.5, "stop (with a checkpoint) when more than this share of a round's clients fail", ge=0, le=1)
     on_nan: str = opt("stop", "a NaN/Inf loss or upload: stop the run, or skip the offending client", choices=("stop", "skip"))
+    # generator-assisted algorithms and few-shot clients (docs/generators.md, docs/fedktl.md)
+    generator: str | None = opt(None, "image generator of generator-assisted algorithms: builtin[:DIR], diffusers:DIR or stylegan:FILE.pkl (default: builtin)")
+    trust_generator_pickle: bool = opt(False, "allow loading a StyleGAN pickle (unpickling runs code from the file: only for files you trust)")
+    shots: int = opt(5, "fewshot partitioner: training samples per class and client (the rest of those classes is test data)", ge=1)
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":

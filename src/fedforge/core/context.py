@@ -36,6 +36,8 @@ class Context:
     device: str = "cpu"
     precision: str = "fp32"
     eval_batch_size: int = 500
+    generator: str | None = None  # generator spec of generator-assisted algorithms (None: their default)
+    trust_generator_pickle: bool = False
 
     def arch(self, cid: int) -> str:
         return self.archs[cid]
