@@ -27,6 +27,7 @@ class RunConfig:
     algorithm: str = opt("fedavg", "algorithm name (see `fedforge list algorithms`)")
     dataset: str = opt("digits", "dataset: a name, npz:PATH, folder:PATH or pfllib:DIR")
     model: str = opt("cnn", "model or model group (see `fedforge list models`)")
+    model_assignment: list | None = opt(None, "architecture index of each client in the model group, e.g. 0,1,1,0 (default: client i gets i mod K)")
     partition: str = opt("dirichlet", "partitioner: iid, dirichlet, pathological, exdir, shards (ignored for pfllib:)")
     alpha: float = opt(0.1, "Dirichlet concentration (dirichlet, exdir)", gt=0)
     classes_per_client: int = opt(2, "classes per client (pathological, exdir)", ge=1)
@@ -80,6 +81,8 @@ class RunConfig:
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got '{self.device}'.")
         if not isinstance(self.params, dict):
             raise ConfigError("params must be a mapping of algorithm hyper-parameters (key: value).")
+        if self.model_assignment is not None:
+            self.model_assignment = _index_list(self.model_assignment)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -173,6 +176,28 @@ def _check_range(f: dataclasses.Field, v: Any) -> None:
         raise ConfigError(f"{f.name} must be {bad}, got {v} ({m.get('help', '')}).")
     if "choices" in m and v not in m["choices"]:
         raise ConfigError(f"{f.name} must be one of {', '.join(m['choices'])}, got '{v}'{suggest(str(v), m['choices'])}.")
+
+
+def _index_list(value: Any) -> list[int]:
+    """A list of non-negative integers from a list or a text such as '0,1,1,0' or '[0, 1]'."""
+    items = value
+    if isinstance(value, str):
+        text = value.strip().strip("[]")
+        items = [t.strip() for t in text.split(",") if t.strip()]
+    try:
+        if isinstance(items, (str, bytes)) or not items:
+            raise ValueError
+        out = []
+        for v in items:
+            if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
+                raise ValueError
+            out.append(int(v))
+        if min(out) < 0:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise ConfigError(f"model_assignment must list one architecture index (0, 1, ...) per client, e.g. 0,1,1,0; "
+                          f"got {value!r}.") from None
+    return out
 
 
 def parse_value(text: str) -> Any:

@@ -26,12 +26,12 @@ from ..results.plots import plot_curves
 from .algorithm import ALGORITHMS, Algorithm, EvalResult, Update
 from .checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
 from .context import Context, derive_seed
-from .executors import EXECUTORS, Executor
+from .executors import EXECUTORS, Executor, make_executor
 from .faults import (AlreadyComplete, ClientFailure, DivergenceError, FaultPlan, RunInterrupted, RunStopped, StopSignals,
                      TooManyFailures, first_nonfinite, nonfinite_number, set_stop_probe, signal_name, test_point)
 from .messages import nbytes, numel
 from .runtime import Task, WorkerSpec
-from .store import MemoryStore, StateStore
+from .store import MemoryStore, StateStore, open_store
 from .training import EvalCounts
 
 log = logging.getLogger("fedforge")
@@ -53,7 +53,7 @@ def build_partition(cfg: RunConfig, ds: Dataset) -> Partition:
     accepted = set(inspect.signature(fn).parameters)
     min_samples = cfg.min_samples or default_min_samples(len(ds.y), cfg.clients, cfg.batch_size, cfg.train_ratio)
     candidates = {"alpha": cfg.alpha, "classes_per_client": cfg.classes_per_client, "balance": cfg.balance,
-                  "shards_per_client": cfg.shards_per_client, "min_samples": min_samples}
+                  "shards_per_client": cfg.shards_per_client, "min_samples": min_samples, "shots": cfg.shots}
     kwargs = {k: v for k, v in candidates.items() if k in accepted}
     if cfg.clients > len(ds.y):
         raise PartitionError(f"{cfg.clients} clients cannot share the {len(ds.y)} samples of {ds.name}; use at most {len(ds.y)} clients.")
@@ -62,12 +62,13 @@ def build_partition(cfg: RunConfig, ds: Dataset) -> Partition:
 
 def build_algorithm(cfg: RunConfig, ds: Dataset, part: Partition) -> Algorithm:
     cls = ALGORITHMS.get(cfg.algorithm)
-    archs = resolve_architectures(cfg.model, part.num_clients)
+    archs = resolve_architectures(cfg.model, part.num_clients, getattr(cfg, "model_assignment", None))
     ctx = Context(
         num_clients=part.num_clients, num_classes=ds.num_classes, input_shape=ds.input_shape, archs=tuple(archs),
         seed=cfg.seed, rounds=cfg.rounds, lr=cfg.lr, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
         train_sizes=tuple(len(a) for a in part.train), test_sizes=tuple(len(a) for a in part.test),
-        device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size)
+        device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size,
+        generator=cfg.generator, trust_generator_pickle=cfg.trust_generator_pickle)
     return cls.create(cfg.params, ctx)
 
 
@@ -203,7 +204,7 @@ class Simulation:
                 self._write_resume_setup(rd)
             else:
                 self._write_setup(rd)
-        executor = self._executor or EXECUTORS.get(cfg.executor)(workers=cfg.workers, threads=cfg.threads)
+        executor = self._executor or make_executor(cfg)
         prog: _Progress | None = None
         set_stop_probe(lambda: self._stop is not None)
         t_start = time.perf_counter()
@@ -279,7 +280,8 @@ class Simulation:
     # ------------------------------------------------------------------------------- start and resume
     def _new_store(self) -> StateStore:
         """An empty state store for this run (a resumed run refills it from its checkpoint)."""
-        return MemoryStore()
+        rd = self.run_dir.path if self.run_dir is not None else None
+        return open_store(self.cfg.state_store, self.cfg.state_dir, rd, fresh=not self.resuming, clear=self.resuming)
 
     def _start(self, executor: Executor) -> _Progress:
         self._seed_server(0, "init")
@@ -420,6 +422,11 @@ class Simulation:
         samples = sum(u.metrics.get("samples", 0) for u in updates)
         info["loss"] = (sum(u.metrics.get("loss", 0.0) * u.metrics.get("samples", 0) for u in updates) / samples) if samples else None
         info["clients"] = len(updates)
+        # communication per participating client: downloads over the clients that received a message, uploads
+        # over the clients that reported (the per-round figures above are sums over them)
+        for k, n in (("bytes_down", len(msgs)), ("params_down", len(msgs)), ("bytes_up", len(updates)),
+                     ("params_up", len(updates))):
+            info[f"{k}_per_client"] = info[k] / n if n else 0.0
         info["dropped"] = len(dropped)
         info["failed"] = len(failures)
         self._seed_server(rnd, "aggregate")
@@ -443,9 +450,9 @@ class Simulation:
     def _finetune(self, executor: Executor, prog: _Progress) -> None:
         cfg = self.cfg
         self._seed_server(cfg.rounds + 1, "finetune")
-        tasks = [Task("finetune", cid, cfg.rounds + 1, self.algo.eval_message(prog.server, cid), prog.store.get(cid))
-                 for cid in range(self.ctx.num_clients)]
-        for cid, state in zip(range(self.ctx.num_clients), executor.map(tasks)):
+        tasks = (Task("finetune", cid, cfg.rounds + 1, self.algo.eval_message(prog.server, cid), prog.store.get(cid))
+                 for cid in range(self.ctx.num_clients))  # lazily: a disk store never holds every state at once
+        for cid, state in zip(range(self.ctx.num_clients), executor.imap(tasks)):
             prog.store.put(cid, state)
         rec = self._record(cfg.rounds, executor, prog, {**prog.round_info, "bytes_up": 0, "bytes_down": 0,
                                                         "params_up": 0, "params_down": 0})
@@ -456,8 +463,8 @@ class Simulation:
 
     def evaluate(self, executor: Executor, server: dict, store: StateStore, rnd: int) -> list[EvalResult]:
         self._seed_server(rnd, "eval")
-        tasks = [Task("eval", cid, rnd, self.algo.eval_message(server, cid), store.get(cid)) for cid in range(self.ctx.num_clients)]
-        return executor.map(tasks)
+        tasks = (Task("eval", cid, rnd, self.algo.eval_message(server, cid), store.get(cid)) for cid in range(self.ctx.num_clients))
+        return list(executor.imap(tasks))  # lazily: a disk store never holds every state at once
 
     def _record(self, rnd: int, executor: Executor, prog: _Progress, info: dict | None = None) -> dict:
         info = prog.round_info if info is None else info
@@ -485,11 +492,14 @@ class Simulation:
         rec |= {"bytes_up": info.get("bytes_up", 0), "bytes_down": info.get("bytes_down", 0),
                 "params_up": info.get("params_up", 0), "params_down": info.get("params_down", 0),
                 "clients": info.get("clients", 0)}
+        rec |= {f"{k}_per_client": info.get(f"{k}_per_client", 0.0)
+                for k in ("bytes_up", "bytes_down", "params_up", "params_down")}
         if info.get("failed"):
             rec["failed"] = info["failed"]
         rec |= prog.totals
         self._seed_server(rnd, "metrics")
         rec |= self.algo.server_metrics(prog.server)
+        self._write_artifacts(rnd, prog.server)
         rec["eval_seconds"] = time.perf_counter() - t0
         rec["train_seconds"] = prog.train_seconds
         rec["seconds"] = time.perf_counter() - self._t_start
@@ -498,6 +508,17 @@ class Simulation:
             if v is not None and not math.isfinite(v):
                 rec[k] = None
         return rec
+
+    def _write_artifacts(self, rnd: int, server: dict) -> None:
+        """Images an algorithm wants kept (``Algorithm.artifacts``), as ``artifacts/<name>_round<r>.png``."""
+        if self.run_dir is None:
+            return
+        for name, image in self.algo.artifacts(server).items():
+            from PIL import Image
+
+            path = self.run_dir.file("artifacts") / f"{name}_round{rnd:04d}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(np.asarray(image).squeeze()).save(path)
 
     def _due(self, rnd: int) -> bool:
         return rnd == 0 or rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
