@@ -103,6 +103,11 @@ class Algorithm:
         """Extra scalars recorded with each evaluation (e.g. a server-side loss)."""
         return {}
 
+    def artifacts(self, server: State) -> dict[str, Any]:
+        """Images to keep with each evaluation, name → uint8 HWC array (the engine writes
+        ``artifacts/<name>_round<r>.png`` into the run directory; e.g. a generator's samples)."""
+        return {}
+
     # ----------------------------------------------------------------------------------- client side
     def init_client(self, rt: "ClientRuntime") -> State:
         """A client's state before it first takes part (default: none)."""

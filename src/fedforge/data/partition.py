@@ -222,6 +222,37 @@ def shards(labels: np.ndarray, num_clients: int, num_classes: int, rng: np.rando
     return [np.sort(np.concatenate([pieces[j] for j in row])) for row in assign]
 
 
+@PARTITIONERS.register("fewshot")
+def fewshot(labels: np.ndarray, num_clients: int, num_classes: int, rng: np.random.Generator, *,
+            shots: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    """k-shot clients: each client trains on `shots` samples of every class; the rest is their test data.
+
+    Training samples are disjoint across clients; the remaining samples of each class are split evenly among
+    the clients as test data. Returns (train, test) pairs, so --train-ratio does not apply.
+    """
+    if shots < 1:
+        raise PartitionError(f"fewshot needs at least 1 shot per class, got {shots}.")
+    totals = _class_totals(labels, num_classes)
+    need = shots * num_clients
+    short = [c for c in range(num_classes) if 0 < totals[c] < need]
+    if short:
+        c = short[0]
+        raise PartitionError(f"class {c} has {totals[c]} samples, fewer than {shots} shots for each of {num_clients} clients; "
+                             f"lower --shots or --clients.")
+    train: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    test: list[list[np.ndarray]] = [[] for _ in range(num_clients)]
+    for c in range(num_classes):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        if len(idx) == 0:
+            continue
+        for i in range(num_clients):
+            train[i].append(idx[i * shots : (i + 1) * shots])
+        for i, part in enumerate(np.array_split(idx[need:], num_clients)):
+            test[i].append(part)
+    cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, np.int64)  # noqa: E731
+    return [(cat(tr), cat(te)) for tr, te in zip(train, test)]
+
+
 # ------------------------------------------------------------------------------ train/test and IO
 def split_train_test(idx: np.ndarray, labels: np.ndarray, train_ratio: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Stratified split of one client's indices (largest-remainder per class; at least one sample each side)."""
@@ -352,7 +383,10 @@ def make_partition(labels: np.ndarray, num_classes: int, scheme: str, num_client
         raise PartitionError(f"partitioner '{scheme}' got an unsupported option ({e}).") from None
     train, test = [], []
     for idx in shares:
-        tr, te = split_train_test(np.asarray(idx, dtype=np.int64), labels, train_ratio, rng)
+        if isinstance(idx, tuple):  # the partitioner fixed this client's own train/test split (e.g. fewshot)
+            tr, te = (np.sort(np.asarray(a, dtype=np.int64)) for a in idx)
+        else:
+            tr, te = split_train_test(np.asarray(idx, dtype=np.int64), labels, train_ratio, rng)
         train.append(tr)
         test.append(te)
     return Partition(train, test, scheme, dict(params, train_ratio=train_ratio), seed, labels_fingerprint(labels))
