@@ -4,6 +4,6 @@ Importing this package registers every back-end; heavy optional libraries (diffu
 imported when a back-end that needs them is loaded.
 """
 from .base import GENERATORS, Generator, GeneratorError, as_generator, load_generator
-from . import builtin  # noqa: F401,E402  (registers builtin)
+from . import builtin, diffusion, stylegan  # noqa: F401,E402  (register the back-ends; their heavy imports are lazy)
 
 __all__ = ["GENERATORS", "Generator", "GeneratorError", "as_generator", "load_generator"]

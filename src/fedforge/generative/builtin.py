@@ -249,7 +249,7 @@ def plot_losses(log: list[dict], path: str | os.PathLike, title: str = "built-in
 
 
 def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, batch_size: int = 64, latent_dim: int = 128,
-                  base_channels: int = 128, d_channels: int = 64, lr: float = 2e-4, ema_decay: float = 0.999,
+                  base_channels: int = 64, d_channels: int = 32, lr: float = 2e-4, ema_decay: float = 0.999,
                   seed: int = 0, checkpoint_every: int = 250, log_every: int = 25, meta: dict | None = None,
                   progress: bool = True, on_log: Callable[[dict], None] | None = None) -> dict:
     """Train the built-in GAN on uint8 NHWC images ``x`` and write it (and its curves and samples) into ``out``.

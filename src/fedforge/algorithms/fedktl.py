@@ -1,0 +1,385 @@
+"""FedKTL — Zhang et al., "An Upload-Efficient Scheme for Transferring Knowledge From a Server-Side Pre-trained
+Generator to Clients in Heterogeneous Federated Learning", CVPR 2024.
+
+A pretrained generator G on the server lends knowledge to small (possibly heterogeneous) client models; clients
+upload only one C-dim vector per class they hold.
+
+Client i (feature extractor f_i, projection head g_i: R^{d_i} → R^C, fixed simplex ETF E = [e_1 … e_C]):
+
+    cos θ_{x,c} = ⟨ĝ_i(f_i(x)), e_c⟩,  ĝ = g / ‖g‖
+    L_i = CE(s·[cos(θ_{x,y} + m) on the true class, cos θ_{x,c} elsewhere], y)            (ArcFace margin)
+        + μ · E_{(x̃_c, w̄_c)} ‖h'_i(f_i(x̃_c)) − w̄_c‖²                                       (image → latent task)
+    upload  P_i^c = normalize(mean_{x ∈ D_i^c} ĝ_i(f_i(x)))  for each class c it holds        (C floats each)
+
+Server (feature transformer F: R^C → R^{d_w}, trainable class centroids Q̄ ∈ R^{C×d_w}):
+
+    Q̄_c ← mean F(P^c) over the uploads,  then for E_s epochs over mini-batches of (P, c) pairs:
+    L_s = MMD²_RBF(F(P), W) + λ · ‖F(P) − Q̄_c‖²,   W ~ the generator's latent prior   (Adam, lr η_s)
+    Q̄_c ← mean F(P^c) again;  x̃_c = G(Q̄_c) for every class c  →  the C pairs (x̃_c, w̄_c = Q̄_c) go to every client.
+
+Inference: arg max_c cos θ_{x,c} with the client's own model (a personalized method).
+
+Defaults are the authors' tuned values per generator kind (their ``run_me.sh``): StyleGAN-XL η_s 0.01, λ 1,
+μ 50; StyleGAN2/3 λ 0.1 (others the same); Stable Diffusion η_s 0.1, λ 0.01, μ 100; all E_s 100, batch 100,
+m 0.5, s 64, gradient clip 100. The built-in GAN has no published values; it uses the StyleGAN-XL ones (both are
+GANs with one latent vector per image). The MMD kernel is Σ_a exp(−d²/(2a)) for a ∈ {10, 15, 20, 50}, as in
+the authors' code.
+
+Departures from prior code (HtFLlib / FedKTL repository), following the paper:
+
+* the projection h'_i (``proj_fc``) is part of the client's model and persists across rounds in the client's
+  state; HtFLlib never saves it, so every round restarts from the server's initial random ``proj_fc``. Here it
+  is also per client, because heterogeneous clients have different feature sizes (HtFLlib pools every feature
+  to 512).
+* prototypes come from the model after local training (the same in the authors' code).
+* the ETF is fixed and built from the run seed on each side, so it is never sent (the paper does not count it).
+* generated images are sent as uint8 pixels at the clients' input shape (C·H·W·channels bytes each) and
+  normalised like the clients' own data, not with HtFLlib's fixed 0.5/0.5.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..core.algorithm import Algorithm, Update, register_algorithm
+from ..core.context import derive_seed
+from ..core.messages import Message, State, model_entries, under, with_prefix
+from ..core.params import HyperParams, hp
+from ..errors import ConfigError
+from .mechanics import collect_prototypes, mmd_rbf, prototypes_to_message
+
+MMD_BANDWIDTHS = tuple(math.sqrt(a) for a in (10.0, 15.0, 20.0, 50.0))  # σ with exp(−d²/2σ²) = exp(−0.5·d²/a)
+
+# The authors' tuned values (HtFLlib total.sh / FedKTL run_me.sh) by generator kind.
+TUNED: dict[str, dict[str, float]] = {
+    "stylegan-xl": {"server_lr": 0.01, "lam": 1.0, "mu": 50.0},
+    "stylegan": {"server_lr": 0.01, "lam": 0.1, "mu": 50.0},
+    "stable-diffusion": {"server_lr": 0.1, "lam": 0.01, "mu": 100.0},
+    "builtin": {"server_lr": 0.01, "lam": 1.0, "mu": 50.0},  # no published values: the StyleGAN-XL ones
+}
+_BY_DEFAULT = "default: the authors' value for the generator kind"
+
+
+@dataclass(frozen=True)
+class FedKTLParams(HyperParams):
+    lam: Any = hp(None, f"λ, weight of the MSE pulling transformed prototypes to their class centroids on the server ({_BY_DEFAULT}: StyleGAN-XL 1, StyleGAN3 0.1, SD 0.01, builtin 1)")
+    mu: Any = hp(None, f"μ, weight of the clients' image→latent regression on the generated pairs ({_BY_DEFAULT}: StyleGAN 50, SD 100, builtin 50)")
+    server_lr: Any = hp(None, f"Adam learning rate of the server's feature transformer and centroids ({_BY_DEFAULT}: StyleGAN 0.01, SD 0.1, builtin 0.01)")
+    server_epochs: int = hp(100, "server alignment epochs per round over the uploaded prototypes", ge=1)
+    server_batch_size: int = hp(100, "(prototype, class) pairs per server mini-batch", ge=2)
+    margin: float = hp(0.5, "ArcFace additive angular margin m on the true class (radians)", ge=0.0, lt=math.pi)
+    scale: float = hp(64.0, "ArcFace logit scale s", gt=0.0)
+    max_grad_norm: float = hp(100.0, "gradient-norm clip of local and server updates", gt=0.0)
+    prompt: str = hp("a cat", "text prompt for text-conditioned generators (diffusers back-end)")
+    gen_steps: int = hp(50, "denoising steps of a diffusion generator", ge=1)
+    guidance: float = hp(7.5, "classifier-free guidance scale of a diffusion generator", ge=0.0)
+    gen_batch_size: int = hp(4, "images per generator call on the server", ge=1)
+
+    def validate(self, owner: str) -> None:
+        for name, low, strict in (("lam", 0.0, False), ("mu", 0.0, False), ("server_lr", 0.0, True)):
+            v = getattr(self, name)
+            if v is None:
+                continue
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+            if not ok or (float(v) <= low if strict else float(v) < low):
+                rng = "> 0" if strict else ">= 0"
+                raise ConfigError(f"{owner}: {name} must be a number {rng}, got {v!r}; {_BY_DEFAULT} "
+                                  f"({', '.join(f'{k} {t[name]:g}' for k, t in TUNED.items())}).")
+
+
+# ------------------------------------------------------------------------------------- building blocks
+def simplex_etf(num_classes: int, seed: int) -> torch.Tensor:
+    """(C, C) fixed simplex ETF, row c = unit vector of class c: sqrt(C/(C−1))·P(I − 11ᵀ/C) with P a random
+    orthogonal matrix (QR of a uniform random matrix), transposed and row-normalised."""
+    c = int(num_classes)
+    if c < 2:
+        raise ConfigError("fedktl needs at least 2 classes for its simplex ETF classifier.")
+    rng = np.random.default_rng(seed)
+    p, _ = np.linalg.qr(rng.random((c, c)))
+    m = math.sqrt(c / (c - 1)) * (p @ (np.eye(c) - np.ones((c, c)) / c))
+    return F.normalize(torch.as_tensor(m.T, dtype=torch.float32), dim=1)
+
+
+def etf_cosine(proj: torch.Tensor, etf: torch.Tensor) -> torch.Tensor:
+    """cos θ between the normalised projections (n, C) and each class vector of the ETF (C, C)."""
+    return F.linear(F.normalize(proj, dim=1), etf.to(proj.dtype))
+
+
+def arcface_loss(proj: torch.Tensor, y: torch.Tensor, etf: torch.Tensor, margin: float, scale: float) -> torch.Tensor:
+    """CE over s·cos θ with the true class's angle enlarged by the additive margin m (Deng et al., 2019)."""
+    cos = etf_cosine(proj, etf)
+    if margin:
+        true = cos.gather(1, y[:, None]).clamp(-1 + 1e-6, 1 - 1e-6)
+        cos = cos.scatter(1, y[:, None], torch.cos(torch.acos(true) + margin))
+    return F.cross_entropy(scale * cos, y)
+
+
+class FeatureTransformer(nn.Module):
+    """F: Linear(C, C) → BatchNorm → ReLU → Linear(C, d_w) (the paper's two-layer transformer)."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim_in, dim_in), nn.BatchNorm1d(dim_in), nn.ReLU(), nn.Linear(dim_in, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(x)
+
+
+def alignment_losses(Fm: nn.Module, protos: torch.Tensor, labels: torch.Tensor, centroids: torch.Tensor,
+                     prior: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(MMD²(F(P), W), MSE(F(P), Q̄_y)) for one mini-batch."""
+    q = Fm(protos)
+    return mmd_rbf(q, prior, MMD_BANDWIDTHS), F.mse_loss(q, centroids[labels])
+
+
+@torch.no_grad()
+def class_centroids(Fm: nn.Module, protos: torch.Tensor, labels: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """Q̄_c = mean of F(P) over the uploads of class c (eval mode); classes nobody uploaded keep their row."""
+    was = Fm.training
+    Fm.eval()
+    q = Fm(protos)
+    Fm.train(was)
+    out = current.detach().clone()
+    counts = torch.bincount(labels, minlength=out.shape[0])
+    sums = torch.zeros_like(out).index_add_(0, labels, q)
+    present = counts > 0
+    out[present] = sums[present] / counts[present, None].to(out.dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------- algorithm
+@register_algorithm("fedktl", summary="FedKTL (Zhang et al., CVPR 2024): server generator → clients via ETF prototypes and image–latent pairs")
+class FedKTL(Algorithm):
+    paper = ("Zhang et al., An Upload-Efficient Scheme for Transferring Knowledge From a Server-Side Pre-trained "
+             "Generator to Clients in Heterogeneous Federated Learning, CVPR 2024")
+    Params = FedKTLParams
+    personalized = True
+    has_global = False
+    heterogeneous = True
+
+    def __init__(self, hp: FedKTLParams, ctx):
+        super().__init__(hp, ctx)
+        self.generator_spec = getattr(ctx, "generator", None) or "builtin"
+        self._generator = None
+        gen = self.generator  # load now: its kind sets the defaults and its latent size sets h'
+        self.kind = getattr(gen, "kind", self.generator_spec.split(":", 1)[0])
+        tuned = TUNED.get(self.kind, TUNED["builtin"])
+        self.lam = float(tuned["lam"] if hp.lam is None else hp.lam)
+        self.mu = float(tuned["mu"] if hp.mu is None else hp.mu)
+        self.server_lr = float(tuned["server_lr"] if hp.server_lr is None else hp.server_lr)
+        self.latent_dim = int(gen.latent_dim)
+        self._etf: torch.Tensor | None = None
+
+    # the generator lives on the server only: never pickled to workers
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_generator"] = None
+        return d
+
+    @property
+    def generator(self):
+        if self._generator is None:
+            from ..generative import load_generator
+
+            opts: dict[str, Any] = {"device": self.ctx.device}
+            kind = self.generator_spec.split(":", 1)[0]
+            if getattr(self.ctx, "trust_generator_pickle", False):
+                opts["trust_pickle"] = True
+            if kind == "diffusers":
+                opts |= {"prompt": self.hp.prompt, "steps": self.hp.gen_steps, "guidance": self.hp.guidance,
+                         "batch_size": self.hp.gen_batch_size}
+            elif kind == "stylegan":
+                opts["batch_size"] = self.hp.gen_batch_size
+            self._generator = load_generator(self.generator_spec, **opts)
+        return self._generator
+
+    @property
+    def etf(self) -> torch.Tensor:
+        if self._etf is None:
+            self._etf = simplex_etf(self.ctx.num_classes, derive_seed(self.ctx.seed, "fedktl", "etf") % (2**32))
+        return self._etf
+
+    def settings(self) -> dict[str, Any]:
+        """The resolved values (the defaults depend on the generator kind)."""
+        return {"generator": self.generator_spec, "kind": self.kind, "lam": self.lam, "mu": self.mu,
+                "server_lr": self.server_lr, "latent_dim": self.latent_dim}
+
+    # --------------------------------------------------------------------------------------- server side
+    def init_server(self) -> State:
+        c = self.ctx.num_classes
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.ctx.seed, "fedktl", "server-init"))
+            Fm = FeatureTransformer(c, self.latent_dim)
+            centroids = torch.randn(c, self.latent_dim)  # nn.Embedding's N(0, 1) initialisation
+        return {**with_prefix(Fm.state_dict(), "ftrans"), "centroids": centroids}
+
+    def broadcast(self, server: State, cid: int, rnd: int) -> Message:
+        """The C generated (image, latent) pairs once they exist (nothing in round 1)."""
+        return {k: server[k] for k in ("gen/images", "gen/latents") if k in server}
+
+    def eval_message(self, server: State, cid: int) -> Message:
+        return {}
+
+    def _server_rng(self, rnd: int) -> torch.Generator:
+        return torch.Generator().manual_seed(derive_seed(self.ctx.seed, rnd, "fedktl", "server"))
+
+    def align(self, server: State, protos: torch.Tensor, labels: torch.Tensor, rnd: int,
+              epochs: int | None = None) -> tuple[State, dict[str, list[float]]]:
+        """The server's domain alignment (MMD to the prior + λ·MSE to the centroids); returns the new state and the
+        per-epoch mean losses."""
+        c, dev = self.ctx.num_classes, torch.device(self.ctx.device)
+        gen_rng = self._server_rng(rnd)
+        Fm = FeatureTransformer(c, self.latent_dim)
+        Fm.load_state_dict(under(server, "ftrans"))
+        Fm.to(dev)
+        protos, labels = protos.to(dev).float(), labels.to(dev)
+        cent = nn.Parameter(class_centroids(Fm, protos, labels, server["centroids"].to(dev)))
+        opt_f = torch.optim.Adam(Fm.parameters(), lr=self.server_lr)
+        opt_c = torch.optim.Adam([cent], lr=self.server_lr)
+        n, bs = protos.shape[0], self.hp.server_batch_size
+        history: dict[str, list[float]] = {"mmd": [], "mse": []}
+        Fm.train()
+        for _ in range(self.hp.server_epochs if epochs is None else epochs):
+            perm = torch.randperm(n, generator=gen_rng).to(dev)
+            stop = n - 1 if (n % bs == 1 and n > 1) else n  # never a BatchNorm batch of one (HtFLlib drops it too)
+            sums, batches = [0.0, 0.0], 0
+            for s in range(0, stop, bs):
+                idx = perm[s : min(s + bs, stop)]
+                if idx.numel() < 2:
+                    continue
+                prior = self.generator.sample_prior(idx.numel(), gen_rng).to(dev).float()
+                mmd, mse = alignment_losses(Fm, protos[idx], labels[idx], cent, prior)
+                loss = mmd + self.lam * mse
+                opt_f.zero_grad(set_to_none=True)
+                opt_c.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(Fm.parameters(), self.hp.max_grad_norm)
+                nn.utils.clip_grad_norm_([cent], self.hp.max_grad_norm)
+                opt_f.step()
+                opt_c.step()
+                sums[0] += float(mmd.detach())
+                sums[1] += float(mse.detach())
+                batches += 1
+            if batches:
+                history["mmd"].append(sums[0] / batches)
+                history["mse"].append(sums[1] / batches)
+        final = class_centroids(Fm, protos, labels, cent.detach())
+        new = {**server, **with_prefix({k: v.detach().cpu() for k, v in Fm.state_dict().items()}, "ftrans"),
+               "centroids": final.cpu()}
+        return new, history
+
+    @torch.no_grad()
+    def generate(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """One image per latent centroid: (images fitted to the clients' input shape, a preview ≤ 128 px)."""
+        from ..generative.images import fit_to_input, resize_images
+
+        g = self.generator
+        raw = g.synthesize(latents, self.hp.prompt if getattr(g, "conditional", False) else None)
+        side = min(128, raw.shape[1])
+        preview = raw if raw.shape[1] == side else resize_images(raw, side, side)
+        return fit_to_input(raw, self.ctx.input_shape), preview
+
+    def aggregate(self, server: State, updates: list[Update], rnd: int) -> State:
+        pairs = [(v, c) for u in updates for k, v in u.upload.items() if k.startswith("proto/")
+                 for c in [int(k.split("/", 1)[1])]]
+        if not pairs:
+            return server
+        protos = torch.stack([v.float() for v, _ in pairs])
+        labels = torch.tensor([c for _, c in pairs], dtype=torch.long)
+        t0 = time.perf_counter()
+        server, hist = self.align(server, protos, labels, rnd)
+        t1 = time.perf_counter()
+        images, preview = self.generate(server["centroids"])
+        t2 = time.perf_counter()
+        server["gen/images"] = torch.from_numpy(images)
+        server["gen/latents"] = server["centroids"].clone().float()
+        server["gen/preview"] = torch.from_numpy(preview)
+        server["metrics/mmd"] = torch.tensor(hist["mmd"][-1] if hist["mmd"] else float("nan"), dtype=torch.float64)
+        server["metrics/mse"] = torch.tensor(hist["mse"][-1] if hist["mse"] else float("nan"), dtype=torch.float64)
+        server["metrics/mmd_first"] = torch.tensor(hist["mmd"][0] if hist["mmd"] else float("nan"), dtype=torch.float64)
+        server["metrics/mse_first"] = torch.tensor(hist["mse"][0] if hist["mse"] else float("nan"), dtype=torch.float64)
+        server["metrics/align_seconds"] = torch.tensor(t1 - t0, dtype=torch.float64)
+        server["metrics/generate_seconds"] = torch.tensor(t2 - t1, dtype=torch.float64)
+        return server
+
+    def server_metrics(self, server: State) -> dict[str, float]:
+        """The two alignment losses (first and last server epoch of the latest round) and server seconds."""
+        if "metrics/mmd" not in server:
+            return {}
+        m = {k.split("/", 1)[1]: float(v) for k, v in server.items() if k.startswith("metrics/")}
+        return {"server_mmd": m["mmd"], "server_centroid_mse": m["mse"], "server_mmd_first_epoch": m["mmd_first"],
+                "server_centroid_mse_first_epoch": m["mse_first"], "server_align_seconds": m["align_seconds"],
+                "server_generate_seconds": m["generate_seconds"],
+                "server_seconds": m["align_seconds"] + m["generate_seconds"]}
+
+    def artifacts(self, server: State) -> dict[str, np.ndarray]:
+        """The latest generated images (one per class, in class order) as one grid image."""
+        if "gen/preview" not in server:
+            return {}
+        from ..generative.images import image_grid
+
+        return {"generated": image_grid(server["gen/preview"].numpy(), ncol=min(10, server["gen/preview"].shape[0]))}
+
+    # --------------------------------------------------------------------------------------- client side
+    def _proj_fc(self, rt) -> nn.Linear:
+        """h'_i: Linear(feature_dim → latent_dim); its initial weights depend only on the architecture."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(self.ctx.seed, "fedktl", "proj_fc", rt.arch))
+            return nn.Linear(rt.model.feature_dim, self.latent_dim).to(rt.device)
+
+    def init_client(self, rt) -> State:
+        return {**rt.initial_params(), **with_prefix(self._proj_fc(rt).state_dict(), "proj_fc")}
+
+    def client_loss(self, etf: torch.Tensor, proj_fc: nn.Module | None = None, gen_x: torch.Tensor | None = None,
+                    gen_z: torch.Tensor | None = None, gen_batches=None):
+        """The local loss: ArcFace CE on the ETF, plus μ·MSE(h'(f(x̃)), w̄) on generated pairs when they exist."""
+        use_gen = self.mu > 0 and gen_x is not None and proj_fc is not None
+
+        def loss_fn(model, x, y):
+            loss = arcface_loss(model(x), y, etf, self.hp.margin, self.hp.scale)
+            if use_gen:
+                idx = next(gen_batches)
+                loss = loss + self.mu * F.mse_loss(proj_fc(model.features(gen_x[idx])), gen_z[idx])
+            return loss
+
+        return loss_fn
+
+    @staticmethod
+    def _cycle(n: int, batch_size: int, gen: torch.Generator):
+        """Endless shuffled mini-batches of indices 0..n−1 (reshuffled at every pass)."""
+        while True:
+            perm = torch.randperm(n, generator=gen)
+            for s in range(0, n, batch_size):
+                yield perm[s : s + batch_size]
+
+    def local_update(self, rt, msg: Message, state: State) -> Update:
+        rt.load(model_entries(state))
+        model = rt.model
+        proj_fc = self._proj_fc(rt)
+        proj_fc.load_state_dict({k: v.to(rt.device) for k, v in under(state, "proj_fc").items()})
+        etf = self.etf.to(rt.device)
+        gen_x = gen_z = batches = None
+        params = list(model.parameters())
+        if "gen/images" in msg and self.mu > 0:
+            gen_x = rt.fed.to_input(msg["gen/images"].to(rt.device))
+            gen_z = msg["gen/latents"].to(rt.device).float()
+            batches = self._cycle(gen_x.shape[0], rt.batch_size, rt.gen)
+            params += list(proj_fc.parameters())
+        stats = rt.train(loss_fn=self.client_loss(etf, proj_fc, gen_x, gen_z, batches), params=params,
+                         max_grad_norm=self.hp.max_grad_norm)
+        protos, counts = collect_prototypes(rt, features=lambda x: model(x), normalize=True)
+        new_state = {**rt.model_state(), **with_prefix({k: v.detach().clone() for k, v in proj_fc.state_dict().items()}, "proj_fc")}
+        return Update(prototypes_to_message(protos, counts), new_state, rt.num_train, stats.as_dict())
+
+    def predict(self, rt, x: torch.Tensor) -> torch.Tensor:
+        return self.hp.scale * etf_cosine(rt.model(x), self.etf.to(x.device))
+
+    def personal_params(self, msg: Message, state: State) -> Message:
+        return model_entries(state)
