@@ -8,6 +8,7 @@ An encoder spec is one of
   safetensors file of a :class:`~fedforge.models.FedModel` state dict plus a JSON file of the same stem
   (``{"model": "cnn", "input_shape": [C, H, W], "num_classes": K, "mean": [...], "std": [...]}``), as written by
   :func:`save_checkpoint`;
+* ``run:DIR``: the global model of a ``fedforge run`` directory's latest checkpoint (one architecture);
 * ``torchvision:NAME`` (e.g. ``torchvision:resnet18``): torchvision's ImageNet weights, used only when they are
   already in the local torch cache; nothing is downloaded at run time.
 
@@ -185,6 +186,38 @@ def load_checkpoint(path: str | Path, device: str = "cpu") -> Encoder:
     return encoder_from_model(model, shape, mean, std, name=str(weights.name), device=device, meta=meta)
 
 
+# ------------------------------------------------------------------------------------------ run directories
+def _run_encoder(run_dir: str, device: str = "cpu", data_root: str | None = None) -> Encoder:
+    """The global model of a fedforge run directory's latest checkpoint (a single architecture)."""
+    import yaml
+
+    from ..core.checkpoint import load_checkpoint as load_run_checkpoint
+    from ..data import load_dataset
+    from ..models import create_model
+
+    base = Path(run_dir).expanduser()
+    cfg_path = base / "config.yaml"
+    if not cfg_path.is_file():
+        raise ConfigError(f"{base} is not a fedforge run directory (no config.yaml); give one written by `fedforge run`.")
+    cfg = yaml.safe_load(cfg_path.read_text()) or {}
+    ck = load_run_checkpoint(base)
+    if ck is None:
+        raise ConfigError(f"run directory {base} has no checkpoint; run it with checkpoints or use --encoder checkpoint:PATH.")
+    state = {k: v for k, v in ck.server.items() if k.startswith(("features.", "head."))}
+    arch = str(cfg.get("model", ""))
+    if not state or "," in arch:
+        raise ConfigError(f"run {base} has no single global model to use as an encoder (model '{arch}'); "
+                          f"use a run of one architecture or --encoder checkpoint:PATH.")
+    ds = load_dataset(cfg.get("dataset", ""), data_root or cfg.get("data_root"), class_subset=cfg.get("class_subset"))
+    model = create_model(arch, ds.input_shape, ds.num_classes, seed=0)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"the checkpoint of {base} does not fit model '{arch}' ({str(e).splitlines()[0]}).") from None
+    return encoder_from_model(model, ds.input_shape, ds.mean, ds.std, name=f"run:{base.name}", device=device,
+                              meta={"round": ck.round, "dataset": ds.name})
+
+
 # ------------------------------------------------------------------------------------------ torchvision
 def _torchvision_encoder(name: str, device: str = "cpu") -> Encoder:
     import torchvision
@@ -228,6 +261,10 @@ def load_encoder(spec: str | Encoder | None = "builtin", device: str = "cpu") ->
         if not arg:
             raise ConfigError("--encoder checkpoint: needs a path, as in --encoder checkpoint:model.safetensors.")
         return load_checkpoint(arg, device)
+    if kind == "run":
+        if not arg:
+            raise ConfigError("--encoder run: needs a run directory, as in --encoder run:runs/my-fedavg-run.")
+        return _run_encoder(arg, device)
     if kind == "torchvision":
         if not arg:
             raise ConfigError("--encoder torchvision: needs a model name, as in --encoder torchvision:resnet18.")
@@ -235,4 +272,4 @@ def load_encoder(spec: str | Encoder | None = "builtin", device: str = "cpu") ->
     if spec.endswith(".safetensors"):
         return load_checkpoint(spec, device)
     raise ConfigError(f"unknown encoder '{spec}'; use builtin, checkpoint:PATH (a fedforge .safetensors "
-                      f"checkpoint) or torchvision:NAME (weights already in the torch cache).")
+                      f"checkpoint), run:DIR (a run's global model) or torchvision:NAME (weights already in the torch cache).")

@@ -154,7 +154,7 @@ def run_synth(cfg: SynthConfig, *, dataset: Dataset | None = None, generator: Ge
     cfg.validate()
     t_start = time.perf_counter()
     ds = dataset if dataset is not None else load_dataset(cfg.private, cfg.data_root, class_subset=cfg.class_subset)
-    if dataset is not None and cfg.class_subset:
+    if dataset is not None and cfg.class_subset and "class_subset" not in ds.meta:  # not yet narrowed
         from ..data.sources import select_classes
 
         ds = select_classes(ds, cfg.class_subset)

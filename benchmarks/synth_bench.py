@@ -1,0 +1,136 @@
+"""Benchmark of `fedforge synth`: none / rf / pe / pcevolve on CIFAR-100 classes 50-59 (new to the built-in
+generator and encoder, both trained on classes 0-49), 10 private images per class, the rest as the test set.
+
+Resumable: a run whose summary.json exists is skipped. Each finished run appends its numbers to
+docs/benchmarks/synth/results.jsonl and copies its first/last sample grids next to it; `--table` prints the
+markdown table of docs/benchmarks/synth.md from that file.
+
+    scripts/cpu-slot .venv/bin/python benchmarks/synth_bench.py --data-root /work/shared/data
+    scripts/cpu-slot .venv/bin/python benchmarks/synth_bench.py --data-root /work/shared/data --sweep
+    .venv/bin/python benchmarks/synth_bench.py --table
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs" / "benchmarks" / "synth"
+RESULTS = DOCS / "results.jsonl"
+
+
+def _name(selector: str, eps: float, seed: int, tag: str) -> str:
+    e = "inf" if math.isinf(eps) else f"{eps:g}"
+    return f"{tag}-{selector}-eps{e}-s{seed}"
+
+
+def _done() -> dict[str, dict]:
+    if not RESULTS.is_file():
+        return {}
+    rows = [json.loads(line) for line in RESULTS.read_text().splitlines() if line.strip()]
+    return {r["name"]: r for r in rows}
+
+
+def run_all(args) -> None:
+    from fedforge.data import load_dataset
+    from fedforge.generative import load_generator
+    from fedforge.synth import SynthConfig, load_encoder, run_synth
+
+    ds = load_dataset("cifar100", args.data_root, class_subset="50-59")
+    enc = load_encoder("builtin")
+    gen = load_generator("builtin")
+    runs_dir = Path(args.runs)
+    DOCS.mkdir(parents=True, exist_ok=True)
+    if args.sweep:
+        plan = [(s, e, seed, "sweep") for e in (1.0, 5.0, 20.0, 100.0, math.inf) for s in ("pe", "pcevolve")
+                for seed in args.seeds]
+    else:
+        plan = [(s, args.epsilon, seed, "main") for s in ("none", "rf", "pe", "pcevolve") for seed in args.seeds]
+    for selector, eps, seed, tag in plan:
+        name = _name(selector, eps, seed, tag)
+        if name in _done():
+            print(f"skip {name} (in {RESULTS.name})", flush=True)
+            continue
+        out = runs_dir / name
+        if out.exists():
+            shutil.rmtree(out)  # an unfinished run: start it again
+        cfg = SynthConfig(private="cifar100", class_subset="50-59", shots=10, selector=selector, epsilon=eps,
+                          iterations=args.iterations, per_class=args.per_class, seed=seed, out=str(out),
+                          eval_every=args.eval_every, eval_modes=("syn", "mix"), data_root=args.data_root)
+        t0 = time.perf_counter()
+        res = run_synth(cfg, dataset=ds, generator=gen, encoder=enc)
+        s = res.summary
+        row = {"name": name, "tag": tag, "selector": selector, "epsilon": None if math.isinf(eps) else eps,
+               "seed": seed, "iterations": s["iterations"], "per_class": args.per_class,
+               "syn_acc": s["final"]["syn"]["acc"], "syn_f1": s["final"]["syn"]["macro_f1"],
+               "mix_acc": s["final"]["mix"]["acc"], "mix_f1": s["final"]["mix"]["macro_f1"],
+               "real_acc": s["final"]["real"]["acc"], "real_f1": s["final"]["real"]["macro_f1"],
+               "seconds_per_iteration": s["seconds_per_iteration"], "wall_seconds": time.perf_counter() - t0,
+               "epsilon_total": s["privacy"]["epsilon_total"], "delta_total": s["privacy"]["delta_total"],
+               "pe_sigma": s["pe_sigma"],
+               "curve": [{k: r.get(k) for k in ("iteration", "kept", "syn_acc", "mix_acc")} for r in res.records
+                         if r.get("syn_acc") is not None]}
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        if seed == args.seeds[0]:
+            grids = sorted((out / "grids").glob("iteration-*.png"))
+            for g in {grids[0], grids[-1]}:
+                shutil.copy(g, DOCS / f"{tag}-{selector}-eps{'inf' if math.isinf(eps) else f'{eps:g}'}-{g.name}")
+        print(f"{name}: syn {row['syn_acc']:.4f} mix {row['mix_acc']:.4f} real {row['real_acc']:.4f} "
+              f"{row['seconds_per_iteration'] or 0:.2f}s/it", flush=True)
+
+
+def _ms(vals: list[float]) -> str:
+    a = np.asarray(vals, dtype=float) * 100
+    return f"{a.mean():.2f} ± {a.std(ddof=0):.2f}" if len(a) else "-"
+
+
+def table(tag: str) -> str:
+    rows = [r for r in _done().values() if r["tag"] == tag]
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["selector"], r["epsilon"]), []).append(r)
+    order = {"none": 0, "rf": 1, "pe": 2, "pcevolve": 3}
+    lines = ["| selector | ε / iteration | total ε (δ) | seeds | syn acc % | syn macro-F1 % | mix acc % | mix macro-F1 % | s / iteration |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    real = [r for rs in groups.values() for r in rs if r["selector"] == "none"] or rows
+    for (sel, eps), rs in sorted(groups.items(), key=lambda kv: (kv[0][1] is None, kv[0][1] or 0, order[kv[0][0]])):
+        tot = rs[0]["epsilon_total"]
+        tot_s = "0 (private data unused)" if sel == "none" else ("∞ (no privacy)" if tot is None else f"{tot:g}")
+        if rs[0].get("delta_total"):
+            tot_s += f" ({rs[0]['delta_total']:.2g})"
+        spi = [r["seconds_per_iteration"] for r in rs if r["seconds_per_iteration"] is not None]
+        lines.append(f"| {sel} | {'∞' if eps is None else f'{eps:g}'} | {tot_s} | {len(rs)} | {_ms([r['syn_acc'] for r in rs])} | "
+                     f"{_ms([r['syn_f1'] for r in rs])} | {_ms([r['mix_acc'] for r in rs])} | {_ms([r['mix_f1'] for r in rs])} | "
+                     f"{(np.mean(spi) if spi else 0):.2f} |")
+    lines.append(f"| private images only (`real`) | – | – | {len(real)} | – | – | {_ms([r['real_acc'] for r in real])} | "
+                 f"{_ms([r['real_f1'] for r in real])} | – |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data-root", default=None)
+    ap.add_argument("--runs", default=str(REPO / "runs" / "bench-synth"))
+    ap.add_argument("--iterations", type=int, default=20)
+    ap.add_argument("--per-class", type=int, default=100)
+    ap.add_argument("--epsilon", type=float, default=0.2)
+    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--sweep", action="store_true", help="pe and pcevolve at ε = 1, 5, 20, 100, ∞ instead")
+    ap.add_argument("--table", action="store_true", help="print the tables from results.jsonl and stop")
+    args = ap.parse_args()
+    if args.table:
+        print("main:\n" + table("main") + "\n\nsweep:\n" + table("sweep"))
+        return
+    run_all(args)
+
+
+if __name__ == "__main__":
+    main()
