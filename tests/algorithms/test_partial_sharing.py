@@ -145,6 +145,7 @@ def test_fedbn_without_normalisation_layers_is_fedavg_bit_for_bit(fedavg):
     res = sim("fedbn").run()  # mlp: nothing to keep local
     for a, b in zip(res.records, fedavg.records):
         assert a["personalized_acc"] == b["global_acc"] and a["personalized_loss"] == b["global_loss"]
+        assert a["global_acc"] == b["global_acc"]  # nothing kept local: the shared model is a global model
         assert a["loss"] == b["loss"] and a["bytes_up"] == b["bytes_up"]
     assert same(res.server, fedavg.server)
 
@@ -153,6 +154,7 @@ def test_fedbn_running_statistics_stay_with_their_client():
     s = sim("fedbn", model="cnn_bn", rounds=2)
     res = s.run()
     assert not any("running_mean" in k for k in res.server)
+    assert res.records[-1]["global_acc"] is None and res.records[-1]["personalized_acc"] is not None
     steps = {}
     for rec_cid in range(4):
         state = res.store.get(rec_cid)

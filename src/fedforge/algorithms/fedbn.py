@@ -3,7 +3,8 @@
 FedAvg in which every normalisation layer stays on its client: the server averages all other weights,
 w ← Σ_k (n_k / n) · w_k, while client k keeps its own BatchNorm (or GroupNorm/LayerNorm) scale and shift and
 its running mean and variance across rounds. Each client is judged with the shared weights plus its own
-normalisation layers (the paper's evaluation); there is no single global model.
+normalisation layers (the paper's evaluation); there is no single global model, except when the model has
+no normalisation layer at all: then FedBN is FedAvg and the (whole, shared) global model is judged too.
 
 Difference from PFLlib: PFLlib's FedBN skips only *parameters* whose name contains "bn", so BatchNorm running
 statistics and normalisation layers named otherwise are still treated as shared state; here the layers are
@@ -19,6 +20,11 @@ from ._partial import PartialSharing, norm_entries
 @register_algorithm("fedbn", summary="FedBN (Li et al., ICLR 2021): FedAvg with local normalisation layers and statistics")
 class FedBN(PartialSharing):
     paper = "Li et al., FedBN: Federated Learning on Non-IID Features via Local Batch Normalization, ICLR 2021"
+
+    def __init__(self, hp, ctx):
+        super().__init__(hp, ctx)
+        if all(self.shared_keys(a) == frozenset(ctx.build_model(a).state_dict()) for a in ctx.arch_set):
+            self.has_global = True  # nothing is kept local: the shared model is a global model
 
     def select_shared(self, model) -> set[str]:
         norms = norm_entries(model)
