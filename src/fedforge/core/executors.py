@@ -53,31 +53,53 @@ def torch_threads(n: int) -> Iterator[None]:
             torch.set_num_threads(old)
 
 
-def schedule(spec: WorkerSpec, tasks: Iterable[Task], workers: int) -> Iterator[tuple[int, Task]]:
-    """(index, task) pairs in the order a pool should start them: longest first.
+class Schedule:
+    """The order in which a pool starts tasks: longest first, with a bounded look-ahead for streams.
 
-    A list is sorted outright. Any other iterable is read lazily with a look-ahead of 4 tasks per worker, from
-    which the longest is started next: close to the sorted order (on PFLlib's MNIST split with 2 workers the
-    slowest worker finishes within 0.3 % of an even split, against 6 % in plain order) while never holding more
-    than a few client states, and while a caller that stops handing out tasks is still heard promptly.
+    A list is sorted outright (the caller holds it anyway). Any other iterable is read lazily: a task is pulled
+    only while it lies within ``4 × workers`` of the oldest result not yet handed back, and the longest pulled task
+    starts next. That comes close to the sorted order (on PFLlib's MNIST split with 2 workers the slowest worker
+    finishes within 0.3 % of an even split, against 6 % in plain order) while never holding more than a few
+    client states or results, and a caller that stops handing out tasks is heard promptly.
     """
-    if isinstance(tasks, (list, tuple)):
-        for i in sorted(range(len(tasks)), key=lambda i: -task_cost(spec, tasks[i])):
-            yield i, tasks[i]
-        return
-    source = enumerate(tasks)
-    buf: list[tuple[int, Task]] = []
-    look = 4 * max(1, workers)
-    while True:
-        while len(buf) < look:
-            item = next(source, None)
+
+    def __init__(self, spec: WorkerSpec, tasks: Iterable[Task], workers: int):
+        self.spec = spec
+        self.look = 4 * max(1, workers)
+        self.buf: list[tuple[int, Task]] = []
+        self.pulled = 0
+        if isinstance(tasks, (list, tuple)):
+            order = sorted(range(len(tasks)), key=lambda i: -task_cost(spec, tasks[i]))
+            self.source: Iterator[tuple[int, Task]] = ((i, tasks[i]) for i in order)
+            self.window = False
+        else:
+            self.source = enumerate(tasks)
+            self.window = True
+        self.exhausted = False
+
+    def next(self, oldest: int) -> tuple[int, Task] | None:
+        """The next (index, task) to start, given the oldest index not yet handed back; None when there is none
+        now (all done, or the window is full until ``oldest`` is handed back)."""
+        if not self.window:
+            return next(self.source, None)
+        while not self.exhausted and len(self.buf) < self.look and self.pulled < oldest + self.look:
+            item = next(self.source, None)
             if item is None:
+                self.exhausted = True
                 break
-            buf.append(item)
-        if not buf:
-            return
-        j = max(range(len(buf)), key=lambda k: (task_cost(spec, buf[k][1]), -buf[k][0]))
-        yield buf.pop(j)
+            self.pulled += 1
+            self.buf.append(item)
+        if not self.buf:
+            return None
+        j = max(range(len(self.buf)), key=lambda k: (task_cost(self.spec, self.buf[k][1]), -self.buf[k][0]))
+        return self.buf.pop(j)
+
+
+def schedule(spec: WorkerSpec, tasks: Iterable[Task], workers: int) -> Iterator[tuple[int, Task]]:
+    """All (index, task) pairs in :class:`Schedule` order, as if every result were handed back at once."""
+    sched = Schedule(spec, tasks, workers)
+    while (item := sched.next(sched.pulled)) is not None:
+        yield item
 
 
 def task_cost(spec: WorkerSpec, task: Task) -> int:
@@ -290,18 +312,16 @@ class ProcessExecutor(Executor):
 
         if not self._conns:
             raise RuntimeError("the process executor was not started (call start(spec) first)")
-        source = schedule(self.spec, tasks, len(self._conns))
+        sched = Schedule(self.spec, tasks, len(self._conns))
         free = list(range(len(self._conns)))
         inflight: dict[int, tuple[int, Task]] = {}
         done: dict[int, Any] = {}
         nxt = 0
-        exhausted = False
         try:
             while True:
-                while free and not exhausted:
-                    item = next(source, None)
+                while free:
+                    item = sched.next(nxt)
                     if item is None:
-                        exhausted = True
                         break
                     w = free.pop(0)
                     self._conns[w].send_bytes(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
@@ -324,8 +344,9 @@ class ProcessExecutor(Executor):
         finally:
             for w in list(inflight):  # collect what is still running so that the next call starts clean
                 try:
-                    self._recv(w, "finishing")
-                except RuntimeError:
+                    if w < len(self._conns):
+                        self._recv(w, "finishing")
+                except Exception:
                     pass
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ import logging
 import os
 from typing import Any, Iterable, Iterator
 
-from ..core.executors import EXECUTORS, Executor, describe_error, raise_remote, schedule, task_threads, usable_cores
+from ..core.executors import EXECUTORS, Executor, Schedule, describe_error, raise_remote, task_threads, usable_cores
 from ..core.runtime import Task, WorkerSpec
 from ..errors import ConfigError
 
@@ -104,18 +104,16 @@ class RayExecutor(Executor):
         ray = import_ray()
         if not self.actors:
             raise RuntimeError("the ray executor was not started (call start(spec) first)")
-        source = schedule(self.spec, tasks, len(self.actors))
+        sched = Schedule(self.spec, tasks, len(self.actors))
         free = list(range(len(self.actors)))
         inflight: dict[Any, tuple[int, int, Task]] = {}  # object ref -> (actor, index, task)
         done: dict[int, Any] = {}
         nxt = 0
-        exhausted = False
         try:
             while True:
-                while free and not exhausted:
-                    item = next(source, None)
+                while free:
+                    item = sched.next(nxt)
                     if item is None:
-                        exhausted = True
                         break
                     a = free.pop(0)
                     inflight[self.actors[a].run.remote(item[1])] = (a, *item)
