@@ -181,6 +181,8 @@ def save_builtin(net: GeneratorNet, config: dict, out: str | os.PathLike, half: 
     save_file(state, str(tmp))
     os.replace(tmp, out / WEIGHTS)
     atomic_write_text(out / CONFIG, json.dumps({**config, "format": FORMAT, "dtype": "float16" if half else "float32"}, indent=2) + "\n")
+    for f in (WEIGHTS, CONFIG):
+        os.chmod(out / f, 0o644)  # shareable files, not private temporaries
     return out
 
 

@@ -102,8 +102,9 @@ def _diffusers_factory(arg: str | None, device: str = "cpu", trust_pickle: bool 
     if torch_dtype is None:
         raise GeneratorError(f"diffusers: dtype must be float32, float16 or bfloat16, got {dtype}.")
     try:
+        extra = {} if torch_dtype is torch.float32 else {"torch_dtype": torch_dtype}
         pipe = cls.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
-                                   requires_safety_checker=False, torch_dtype=torch_dtype)
+                                   requires_safety_checker=False, **extra)
     except Exception as e:  # diffusers raises many error types for incomplete or corrupt folders
         raise GeneratorError(f"cannot load the diffusers pipeline in {folder} ({type(e).__name__}: {str(e).splitlines()[0][:200]}); "
                              f"check that it is a complete Stable-Diffusion-compatible folder.") from None

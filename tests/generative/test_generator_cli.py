@@ -1,0 +1,72 @@
+"""`fedforge generator train/sample` and the one-sentence errors (exit code 2) of generator input."""
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+from safetensors.torch import load_file
+
+from fedforge.cli import main
+
+TINY = ["--dataset", "digits", "--channels", "8", "--d-channels", "8", "--batch-size", "16", "--no-progress"]
+
+
+def test_generator_train_writes_weights_curves_samples_and_resumes_exactly(tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert main(["generator", "train", "--out", str(a), "--steps", "6", "--checkpoint-every", "3", *TINY]) == 0
+    for name in ("generator.safetensors", "generator.json", "samples.png", "losses.png", "losses.jsonl", "checkpoint.json"):
+        assert (a / name).is_file(), name
+    cfg = json.loads((a / "generator.json").read_text())
+    assert cfg["steps"] == 6 and cfg["dataset"] == "digits" and cfg["latent_dim"] == 128
+    assert Image.open(a / "samples.png").size[0] > 8 * 8
+    log = [json.loads(line) for line in (a / "losses.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 6 and all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in log)
+    # the same training interrupted after 3 steps and resumed gives the same weights
+    assert main(["generator", "train", "--out", str(b), "--steps", "3", "--checkpoint-every", "3", *TINY]) == 0
+    assert main(["generator", "train", "--out", str(b), "--steps", "6", "--checkpoint-every", "3", *TINY]) == 0
+    wa, wb = load_file(str(a / "generator.safetensors")), load_file(str(b / "generator.safetensors"))
+    assert all(np.array_equal(wa[k].numpy(), wb[k].numpy()) for k in wa)
+    # and the trained folder is a generator spec
+    out = tmp_path / "grid.png"
+    assert main(["generator", "sample", f"builtin:{a}", "--out", str(out), "-n", "4"]) == 0
+    assert out.is_file()
+    capsys.readouterr()
+    # another architecture in the same folder is refused
+    assert main(["generator", "train", "--out", str(a), "--steps", "7", "--latent-dim", "16", *TINY]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generator", "sample", "builtin:{tmp}/missing", "--out", "{tmp}/x.png"], "fedforge generator train"),
+    (["generator", "sample", "stylegan:{tmp}/net.pkl", "--out", "{tmp}/x.png"], "--trust-generator-pickle"),
+    (["generator", "sample", "stylegan:{tmp}/nvlabs.pkl", "--out", "{tmp}/x.png", "--trust-generator-pickle"], "dnnlib and torch_utils"),
+    (["generator", "sample", "nosuch:x", "--out", "{tmp}/x.png"], "unknown generator"),
+    (["generator", "train", "--out", "{tmp}/g", "--steps", "0"], "--steps must be > 0"),
+    (["run", "--algorithm", "fedktl", "--generator", "builtin:{tmp}/missing", "--rounds", "1", "--out", "{tmp}/r1"], "is missing"),
+    (["run", "--algorithm", "fedktl", "--generator", "stylegan:{tmp}/net.pkl", "--rounds", "1", "--out", "{tmp}/r2"], "--trust-generator-pickle"),
+    (["run", "--algorithm", "fedktl", "--set", "lam=-1", "--rounds", "1", "--out", "{tmp}/r3"], "lam must be a number >= 0"),
+])
+def test_bad_generator_input_is_one_sentence_exit_2(tmp_path, capsys, argv, needle):
+    (tmp_path / "net.pkl").write_bytes(pickle.dumps({"G_ema": None}))
+    (tmp_path / "nvlabs.pkl").write_bytes(b"\x80\x02ctorch_utils.persistence\n_reconstruct_persistent_obj\n)R.")
+    rc = main(["-q", *[a.format(tmp=tmp_path) for a in argv]])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert needle in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_missing_diffusers_extra_exit_2(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "diffusers", None)  # as if the optional extra were not installed
+    assert main(["-q", "generator", "sample", f"diffusers:{tmp_path}", "--out", str(tmp_path / "x.png")]) == 2
+    assert 'pip install "fedforge[diffusers]"' in capsys.readouterr().err
+
+
+def test_list_generators(capsys):
+    assert main(["list", "generators"]) == 0
+    out = capsys.readouterr().out
+    assert "builtin" in out and "diffusers" in out and "stylegan" in out
