@@ -343,10 +343,10 @@ class Simulation:
                    f"`fedforge run --resume {self.run_dir.path}` (options that do not change results, such as "
                    f"--max-fail-fraction or --on-nan, may be changed).")
 
-    def _seed_server(self, rnd: int, phase: str) -> None:
-        """Server-side hooks draw from streams derived from (seed, round, phase), never from leftovers of earlier work,
-        so results do not depend on the executor or on whether the run was resumed."""
-        s = derive_seed(self.cfg.seed, rnd, "server", phase)
+    def _seed_server(self, rnd: int, phase: str, cid: int = -1) -> None:
+        """Server-side hooks draw from streams derived from (seed, round, phase[, client]), never from leftovers of
+        earlier work, so results do not depend on the executor or on whether the run was resumed."""
+        s = derive_seed(self.cfg.seed, rnd, "server", phase, cid)
         torch.manual_seed(s)
         random.seed(s)
         np.random.seed(s % (2**32))
@@ -449,8 +449,8 @@ class Simulation:
 
     def _finetune(self, executor: Executor, prog: _Progress) -> None:
         cfg = self.cfg
-        self._seed_server(cfg.rounds + 1, "finetune")
-        tasks = (Task("finetune", cid, cfg.rounds + 1, self.algo.eval_message(prog.server, cid), prog.store.get(cid))
+        tasks = (Task("finetune", cid, cfg.rounds + 1, self._eval_message(prog.server, cid, cfg.rounds + 1, "finetune"),
+                      prog.store.get(cid))
                  for cid in range(self.ctx.num_clients))  # lazily: a disk store never holds every state at once
         for cid, state in zip(range(self.ctx.num_clients), executor.imap(tasks)):
             prog.store.put(cid, state)
@@ -462,9 +462,15 @@ class Simulation:
         self._emit(prog.records, self.run_dir)
 
     def evaluate(self, executor: Executor, server: dict, store: StateStore, rnd: int) -> list[EvalResult]:
-        self._seed_server(rnd, "eval")
-        tasks = (Task("eval", cid, rnd, self.algo.eval_message(server, cid), store.get(cid)) for cid in range(self.ctx.num_clients))
+        tasks = (Task("eval", cid, rnd, self._eval_message(server, cid, rnd, "eval"), store.get(cid))
+                 for cid in range(self.ctx.num_clients))
         return list(executor.imap(tasks))  # lazily: a disk store never holds every state at once
+
+    def _eval_message(self, server: dict, cid: int, rnd: int, phase: str):
+        # tasks are made lazily, between other clients' work (which reseeds this process's streams in the
+        # sequential executor): seed per client so that the message never depends on what ran before
+        self._seed_server(rnd, phase, cid)
+        return self.algo.eval_message(server, cid)
 
     def _record(self, rnd: int, executor: Executor, prog: _Progress, info: dict | None = None) -> dict:
         info = prog.round_info if info is None else info
