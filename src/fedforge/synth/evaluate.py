@@ -5,7 +5,7 @@ synthetic batch and one private batch, as EvolveGen's ``train_few`` does) and ``
 the reference that ``mix`` must beat).
 
 Classifiers: ``linear`` (the paper's protocol: a bias-free linear head on the frozen client encoder; features are
-standardised with the training set's mean and std) or any zoo model name (trained from scratch on the images).
+centred and scaled by one factor from the training set) or any zoo model name (trained from scratch on the images).
 Both go through the project's one SGD loop (:func:`fedforge.core.training.train_loop`) with a cosine learning
 rate; the paper's code uses AdamW (lr 1e-3, cosine, 100 epochs, batch 16) on the head instead, since this
 project has one plain-SGD loop. Metrics: accuracy and macro-F1 (scikit-learn) on the test images.
@@ -32,7 +32,7 @@ class EvalSettings:
     classifier: str = "linear"
     epochs: int | None = None  # default: 100 for the linear head (the paper's), 20 for a full model
     batch_size: int = 16  # the paper's
-    lr: float | None = None  # default: 0.05 (linear head on standardised features), 0.02 (full model)
+    lr: float | None = None  # default: 0.05 (linear head on centred, scaled features), 0.02 (full model)
     seed: int = 0
 
     def resolved(self) -> "EvalSettings":
@@ -52,13 +52,14 @@ def _batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, gen: torch.Gener
         xb, yb = x[sel], y[sel]
         if extra is not None:
             m = len(extra[1])
-            take = []
-            while len(take) < len(sel):
+            take, have = [], 0
+            while have < len(sel):
                 if ex_perm is None or ex_pos >= m:
                     ex_perm, ex_pos = torch.randperm(m, generator=gen), 0
-                k = min(len(sel) - len(take), m - ex_pos)
+                k = min(len(sel) - have, m - ex_pos)
                 take.append(ex_perm[ex_pos : ex_pos + k])
                 ex_pos += k
+                have += k
             t = torch.cat(take)
             xb, yb = torch.cat([xb, extra[0][t]]), torch.cat([yb, extra[1][t]])
         yield xb, yb
@@ -139,7 +140,10 @@ class DownstreamEvaluator:
                 sy = torch.as_tensor(synthetic[1], dtype=torch.long)
                 train, extra = (sf, sy), ((pf, py) if mode == "mix" else None)
             both = train[0] if extra is None else torch.cat([train[0], extra[0]])
-            mu, sd = both.mean(0, keepdim=True), both.std(0, keepdim=True) + 1e-6
+            # centre, then one scale for all dimensions (per-dimension scaling blows up dead ReLU units when the
+            # training set is a few shots)
+            mu = both.mean(0, keepdim=True)
+            sd = (both - mu).pow(2).mean().sqrt() + 1e-6
             norm = lambda f: (f - mu) / sd  # noqa: E731
             train = (norm(train[0]), train[1])
             extra = (norm(extra[0]), extra[1]) if extra is not None else None
