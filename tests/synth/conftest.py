@@ -40,6 +40,20 @@ class PCADigits(Generator):
         return x.clamp(0, 255).round().to(torch.uint8).reshape(-1, 8, 8, 1).numpy()
 
 
+class PCADigitsImg2Img(PCADigits):
+    """The same, with image-to-image variation: project onto the components, vary there, render."""
+
+    def __init__(self):
+        super().__init__()
+        self.img2img_calls: list[tuple[np.ndarray, float, Any]] = []
+
+    def img2img(self, images, strength, condition=None, rng=None):
+        self.img2img_calls.append((np.asarray(images).copy(), strength, condition))
+        x = torch.as_tensor(np.asarray(images).reshape(len(images), 64), dtype=torch.float32)
+        z = ((x - torch.as_tensor(self.mean, dtype=torch.float32)) @ self.basis.T) / self.scale
+        return self.synthesize(self.vary(z, strength, rng), condition)
+
+
 @pytest.fixture(scope="session")
 def digits():
     return load_dataset("digits")
@@ -48,6 +62,11 @@ def digits():
 @pytest.fixture
 def pca_generator():
     return PCADigits()
+
+
+@pytest.fixture
+def pca_img2img():
+    return PCADigitsImg2Img()
 
 
 @pytest.fixture

@@ -212,3 +212,21 @@ def test_text_conditioned_backend_gets_class_prompts(digits, digits_encoder, pca
     r = run_synth(cfg, dataset=digits, generator=gen, encoder=digits_encoder)
     assert set(gen.conditions) == {"A handwritten digit image of zero", "A handwritten digit image of one"}
     assert r.records[1]["candidates"] == 8  # per-class candidates, no shared pool
+
+
+def test_image_to_image_backends_get_the_selected_images(digits, pca_img2img):
+    gen = pca_img2img
+    ds, pi, _ = two_class(digits)
+    server = Server(gen, 2, 5, ds.input_shape, seed=0)
+    cands = server.propose()
+    assert cands.shared and len(cands.images) == 10
+    server.receive(Selection(0, {0: [(3, 1.0)], 1: [(7, 2.0), (8, 0.0)]}))
+    (seeds0, s0, _), (seeds1, s1, _) = gen.img2img_calls
+    assert s0 == s1 == pytest.approx(0.8)
+    assert all(np.array_equal(img, cands.images[3]) for img in seeds0)  # every new class-0 candidate grows from #3
+    assert all(np.array_equal(img, cands.images[7]) for img in seeds1)  # weight 0 is never drawn
+    nxt = server.propose()
+    assert nxt.iteration == 1 and not nxt.shared and len(nxt.images) == 10
+    server.receive(Selection(1, {0: [(0, 1.0)], 1: [(4, 1.0)]}))
+    assert gen.img2img_calls[-1][1] == pytest.approx(0.78)
+    assert np.array_equal(gen.img2img_calls[-1][0][0], nxt.of(1)[4])

@@ -240,7 +240,12 @@ def strength_schedule(t: int, start: float = 0.8, step: float = 0.02, floor: flo
 
 
 class Server:
-    """Holds the generator and the current candidates' latents; sees only :class:`Selection` messages."""
+    """Holds the generator and the current candidates; sees only :class:`Selection` messages.
+
+    Variation: a back-end with an ``img2img(images, strength, condition, rng) -> uint8 NHWC`` method (image-to-image
+    generation, as the paper does with diffusion models) gets the selected candidates' images; any other back-end
+    gets their latents through :meth:`Generator.vary`.
+    """
 
     def __init__(self, generator: Generator, num_classes: int, per_class: int, image_shape: Sequence[int], *,
                  labels: Sequence[str] | None = None, domain: str = "photo", seed: int = 0,
@@ -255,30 +260,38 @@ class Server:
         self.strength0, self.strength_step, self.strength_min = strength, strength_step, strength_min
         self.iteration = 0
         self.variations = 0
-        self.latents: dict[int, torch.Tensor] = {}
+        self.latents: dict[int, torch.Tensor] = {}  # per class (latent-variation back-ends)
+        self.native: dict[int, np.ndarray] = {}  # per class, the generator's own images (img2img back-ends)
         self.current: Candidates | None = None
         self.received: list[Selection] = []
         self.strengths: list[float] = []
         self._pool_latents: torch.Tensor | None = None
+        self._pool_native: np.ndarray | None = None
         self._labels_of_pool: np.ndarray | None = None
 
     @property
     def conditional(self) -> bool:
         return bool(getattr(self.gen, "conditional", False))
 
+    @property
+    def image_to_image(self) -> bool:
+        return callable(getattr(self.gen, "img2img", None))
+
     def prompt(self, c: int) -> str:
         return f"A {self.domain} image of {self.labels[c]}"
+
+    def _condition(self, c: int | None) -> str | None:
+        return self.prompt(c) if (self.conditional and c is not None) else None
 
     def _rng(self, tag: str) -> torch.Generator:
         from ..core.context import derive_seed
 
         return torch.Generator().manual_seed(derive_seed(self.seed, self.iteration, "server", tag))
 
-    def _render(self, z: torch.Tensor, c: int | None) -> np.ndarray:
+    def _fit(self, native: np.ndarray) -> np.ndarray:
         from ..generative.images import fit_to_input
 
-        imgs = self.gen.synthesize(z, self.prompt(c) if (self.conditional and c is not None) else None)
-        return fit_to_input(imgs, self.image_shape)
+        return fit_to_input(native, self.image_shape)
 
     def propose(self) -> Candidates:
         """This iteration's candidates (iteration 0: prior samples; later: the variations made in :meth:`receive`)."""
@@ -287,26 +300,30 @@ class Server:
         C, N = self.num_classes, self.per_class
         if self.iteration == 0 and not self.conditional:
             z = self.gen.sample_prior(N * C, self._rng("prior"))
-            imgs = self._render(z, None)
-            self._pool_latents = z
+            native = self.gen.synthesize(z, None)
+            self._pool_latents, self._pool_native = z, native
             everything = np.arange(N * C)
-            self.current = Candidates(0, imgs, MappingProxyType({c: everything for c in range(C)}), shared=True)
+            self.current = Candidates(0, self._fit(native), MappingProxyType({c: everything for c in range(C)}), shared=True)
             return self.current
         if self.iteration == 0:
             for c in range(C):
                 self.latents[c] = self.gen.sample_prior(N, self._rng(f"prior{c}"))
-        imgs = np.concatenate([self._render(self.latents[c], c) for c in range(C)])
+        if not self.native:  # latent back-ends render the current latents; img2img ones made images in receive()
+            self.native = {c: self.gen.synthesize(self.latents[c], self._condition(c)) for c in range(C)}
+        imgs = np.concatenate([self._fit(self.native[c]) for c in range(C)])
         index = {c: np.arange(c * N, (c + 1) * N) for c in range(C)}
         self.current = Candidates(self.iteration, imgs, MappingProxyType(index), shared=False)
         return self.current
 
-    def _class_latents(self, c: int) -> torch.Tensor:
+    def _class_pool(self, c: int) -> tuple[torch.Tensor | None, np.ndarray]:
+        """(latents, native images) of class c's current candidates."""
         cur = self.current
         assert cur is not None
         if cur.shared:
-            assert self._pool_latents is not None
-            return self._pool_latents[torch.as_tensor(cur.index[c])]
-        return self.latents[c]
+            assert self._pool_native is not None and self._pool_latents is not None
+            rows = np.asarray(cur.index[c])
+            return self._pool_latents[torch.as_tensor(rows)], self._pool_native[rows]
+        return self.latents.get(c), self.native[c]
 
     def receive(self, sel: Selection) -> None:
         """Make the next candidates: per class, N variations of the selected ones (seed drawn ∝ weight)."""
@@ -316,13 +333,13 @@ class Server:
         if sel.iteration != cur.iteration:
             raise ValueError(f"selection for iteration {sel.iteration} arrived at iteration {cur.iteration}")
         s = strength_schedule(self.variations, self.strength0, self.strength_step, self.strength_min)
-        new: dict[int, torch.Tensor] = {}
+        new_latents: dict[int, torch.Tensor] = {}
+        new_native: dict[int, np.ndarray] = {}
         for c in range(self.num_classes):
             pairs = sel.picks.get(c, ())
             n_c = len(cur.index[c])
             if any(i >= n_c for i, _ in pairs):
                 raise ValueError(f"selection for class {c} names a candidate beyond the {n_c} sent")
-            z_c = self._class_latents(c)
             if pairs and sum(w for _, w in pairs) > 0:
                 idx = np.array([i for i, _ in pairs])
                 w = np.array([wt for _, wt in pairs], dtype=np.float64)
@@ -330,11 +347,16 @@ class Server:
                 idx, w = np.arange(n_c), np.ones(n_c)
             g = self._rng(f"seeds{c}")
             seeds = torch.multinomial(torch.as_tensor(w / w.sum()), self.per_class, replacement=True, generator=g)
-            z_seed = z_c[torch.as_tensor(idx)[seeds]]
-            new[c] = self.gen.vary(z_seed, s, self._rng(f"vary{c}"))
+            rows = idx[seeds.numpy()]
+            z_c, native_c = self._class_pool(c)
+            if self.image_to_image:
+                new_native[c] = self.gen.img2img(native_c[rows], s, self._condition(c), self._rng(f"vary{c}"))
+            else:
+                assert z_c is not None
+                new_latents[c] = self.gen.vary(z_c[torch.as_tensor(rows)], s, self._rng(f"vary{c}"))
         self.received.append(sel)
         self.strengths.append(s)
-        self.latents = new
+        self.latents, self.native = new_latents, new_native
         self.iteration += 1
         self.variations += 1
         self.current = None
