@@ -73,7 +73,7 @@ class FeatureGenerator(nn.Module):
 class FedGen(Algorithm):
     paper = "Zhu et al., Data-Free Knowledge Distillation for Heterogeneous Federated Learning, ICML 2021"
     Params = FedGenParams
-    personalized = True
+    personalized = False  # the paper's setting (one architecture); head sharing flips both flags per instance
     has_global = True
     heterogeneous = True
 
