@@ -18,8 +18,8 @@ p̂(y) is the label distribution of the clients (each client sends its label cou
 Downloads carry the averaged weights and G (parameters and BatchNorm statistics; clients run it in eval mode).
 G = Linear(noise + C → hidden) → BatchNorm → ReLU → Linear(hidden → d), as in the paper's code.
 
-Departures from prior code: HtFLlib draws the noise uniformly (``torch.rand``) although its comment says Gaussian;
-the paper's noise is Gaussian, used here. The generator's diversity regulariser of the official code and its
+Departures from prior code: HtFLlib and the official code draw the noise uniformly (``torch.rand``) although their
+comments say Gaussian; the paper's noise is Gaussian, used here. The generator's diversity regulariser of the official code and its
 decaying loss weights are left out (the paper's objective, Eq. 4–5, has neither). Adam's moments restart each round.
 Defaults: noise 32, hidden 512, Adam lr 0.005, 100 steps (HtFLlib's benchmark script), α = 1 (the paper's Eq. 5).
 """
