@@ -73,6 +73,8 @@ class RunConfig:
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
+        if isinstance(self.model, (list, tuple)):  # a group written as a YAML list of registry names
+            self.model = ",".join(str(m).strip() for m in self.model)
         for f in fields(self):
             value = getattr(self, f.name)
             setattr(self, f.name, _coerce(f, value))
