@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -79,7 +80,7 @@ class RunConfig:
             value = getattr(self, f.name)
             setattr(self, f.name, _coerce(f, value))
             _check_range(f, getattr(self, f.name))
-        if not (self.device == "cpu" or self.device.startswith("cuda")):
+        if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got '{self.device}'.")
         if not isinstance(self.params, dict):
             raise ConfigError("params must be a mapping of algorithm hyper-parameters (key: value).")
@@ -231,6 +232,8 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
         data = yaml.safe_load(path.read_text())
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise ConfigError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path} nests too deeply to be a config; a config is a flat mapping of option: value.") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

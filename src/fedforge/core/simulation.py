@@ -141,6 +141,7 @@ class Simulation:
         self.progress = progress
         self.on_record = on_record
         self.resuming = resume is not None
+        _check_device(self.cfg.device)
         saved: RunConfig | None = None
         if resume is not None:
             saved = saved_config(resume)
@@ -598,6 +599,17 @@ class Simulation:
 
 
 FAILURES_FILE = "failures.jsonl"
+
+
+def _check_device(device: str) -> None:
+    if not device.startswith("cuda"):
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(f"--device {device} asks for a CUDA GPU, but torch finds none on this machine; use --device cpu.")
+    index = int(device.split(":", 1)[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {device} names GPU {index}, but this machine has {torch.cuda.device_count()} "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
 
 
 def _nonfinite_update(u: Update) -> str | None:

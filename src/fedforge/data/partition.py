@@ -354,15 +354,22 @@ class Partition:
         try:
             with np.load(path, allow_pickle=False) as f:
                 meta = json.loads(bytes(f["meta"]).decode())
-                n = int(meta["num_clients"])
+                n = meta["num_clients"]
+                if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+                    raise ValueError("num_clients must be a positive integer")
                 train = [f[f"train_{i}"] for i in range(n)]
                 test = [f[f"test_{i}"] for i in range(n)]
-        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
+                seed = int(meta.get("seed", 0))
+                scheme, params, fingerprint = meta.get("scheme", "file"), meta.get("params", {}), meta.get("fingerprint", "")
+                if not isinstance(scheme, str) or not isinstance(params, dict) or not isinstance(fingerprint, str):
+                    raise ValueError("malformed metadata")
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError,
+                TypeError, AttributeError, IndexError, RecursionError) as e:
             raise PartitionError(f"partition file {path} is corrupt or not a fedforge partition ({type(e).__name__}).") from None
         for a in train + test:
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
                 raise PartitionError(f"partition file {path} holds a non-index array; it is corrupt.")
-        return cls(train, test, meta.get("scheme", "file"), meta.get("params", {}), int(meta.get("seed", 0)), meta.get("fingerprint", ""))
+        return cls(train, test, scheme, params, seed, fingerprint)
 
 
 def default_min_samples(n_samples: int, num_clients: int, batch_size: int, train_ratio: float) -> int:

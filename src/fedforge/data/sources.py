@@ -61,6 +61,9 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
 
 
 # --------------------------------------------------------------------------------------------- cache IO
+MAX_CLASSES = 100_000  # a sanity bound: a stray huge label must not silently build a gigantic classifier head
+
+
 def validate_arrays(x: np.ndarray, y: np.ndarray, where: str, num_classes: int | None = None) -> int:
     """Check pooled arrays against the cache format; return the number of classes."""
     if not isinstance(x, np.ndarray) or x.dtype != np.uint8 or x.ndim != 4:
@@ -68,6 +71,8 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, where: str, num_classes: int |
         raise DataError(f"{where}: 'x' must be uint8 with shape (N, H, W, C), got {got}; rewrite it in the cache format.")
     if x.shape[3] not in (1, 3):
         raise DataError(f"{where}: 'x' must be channels-last with 1 or 3 channels, got shape {x.shape}; rewrite it as (N, H, W, C).")
+    if x.shape[1] < 1 or x.shape[2] < 1:
+        raise DataError(f"{where}: 'x' holds empty images (shape {x.shape}); rewrite it as (N, H, W, C) with H, W >= 1.")
     if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise DataError(f"{where}: 'y' must be a 1-D integer array, got {getattr(y, 'dtype', type(y).__name__)} with shape {getattr(y, 'shape', '?')}.")
     if len(y) != len(x):
@@ -80,6 +85,9 @@ def validate_arrays(x: np.ndarray, y: np.ndarray, where: str, num_classes: int |
     k = num_classes if num_classes is not None else hi + 1
     if hi >= k:
         raise DataError(f"{where}: label {hi} is out of range for {k} classes.")
+    if k > MAX_CLASSES:
+        raise DataError(f"{where}: label {hi} would make {k:,} classes (more than {MAX_CLASSES:,}); labels must be class "
+                        f"indices 0..K-1, so renumber them.")
     return k
 
 
@@ -89,7 +97,11 @@ def read_cache(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise DataError(f"dataset file {path} does not exist.")
     try:
-        with np.load(path, allow_pickle=False) as f:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # a bare .npy array, not an archive of 'x' and 'y'
+            raise DataError(f"{path} holds a single array, not an npz archive of 'x' (uint8 NHWC) and 'y' (int64); "
+                            f"rewrite it with numpy.savez(path, x=..., y=...).")
+        with loaded as f:
             missing = [k for k in ("x", "y") if k not in f.files]
             if missing:
                 raise DataError(f"{path}: missing array(s) {', '.join(missing)}; a cache file holds 'x' (uint8 NHWC) and 'y' (int64).")
@@ -180,6 +192,9 @@ def _cached_source(name: str, num_classes: int) -> Callable[..., Dataset]:
         x, y = read_cache(path)
         k = validate_arrays(x, y, str(path), num_classes)
         mean, std = KNOWN_STATS[name]
+        if x.shape[3] != len(mean):
+            raise DataError(f"{path} holds {x.shape[3]}-channel images, but {name} has {len(mean)} channel(s); "
+                            f"it is not {name}: replace it with the real {name}.npz.")
         return Dataset(name, x, y, k, mean, std)
 
     load.__doc__ = f"{TORCHVISION_NAMES[name]} from the cache (<root>/{name}.npz); downloadable through torchvision."
