@@ -80,6 +80,8 @@ def test_model_assignment_config_reaches_the_federation():
     assert sim.ctx.archs == ("ht_resnet4", "ht_resnet4", "cnn", "ht_resnet4")
     with pytest.raises(ConfigError, match="model_assignment"):
         build_config(overrides=dict(model_assignment="0,x"))
+    as_list = build_config(overrides=dict(model=["cnn", "ht_resnet4"]))  # a group as a YAML list of names
+    assert resolve_architectures(as_list.model, 3) == ["cnn", "ht_resnet4", "cnn"]
 
 
 def test_list_models_shows_the_groups(capsys):
