@@ -89,14 +89,39 @@ def _ckpt_round(run_dir: Path) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def baseline(tmp_path_factory) -> list[dict]:
+def baseline_dir(tmp_path_factory) -> Path:
     """The uninterrupted run every resumed run must reproduce."""
     cwd = tmp_path_factory.mktemp("baseline")
     r = _run([*ARGS, "--out", "run"], cwd)
     assert r.returncode == 0, r.stderr
-    rows = _metrics(cwd / "run")
+    return cwd / "run"
+
+
+@pytest.fixture(scope="module")
+def baseline(baseline_dir) -> list[dict]:
+    rows = _metrics(baseline_dir)
     assert [x["round"] for x in rows] == list(range(7))
     return rows
+
+
+def test_provenance_says_where_a_result_came_from(baseline_dir):
+    import fedforge
+
+    prov = json.loads((baseline_dir / "provenance.json").read_text())
+    assert prov["fedforge"] == fedforge.__version__
+    assert prov["python"] == sys.version.split()[0]
+    import torch
+
+    assert prov["torch"] == torch.__version__ and prov["numpy"] and prov["platform"] and prov["packages"]["safetensors"]
+    assert prov["executable"] == sys.executable
+    assert prov["command_line"].startswith(f"{sys.executable} -m fedforge run --dataset digits")
+    assert prov["command"][1:] == ["run", *ARGS, "--out", "run"]
+    assert prov["cwd"] == str(baseline_dir.parent)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(fedforge.__file__).parent, capture_output=True, text=True)
+    if head.returncode == 0 and "site-packages" not in fedforge.__file__:
+        assert prov["git_commit"].split("-")[0] == head.stdout.strip()
+    else:
+        assert prov["git_commit"] is None
 
 
 def test_killed_and_stopped_at_many_points_resumes_bit_for_bit(baseline, tmp_path):
