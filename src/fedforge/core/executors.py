@@ -176,7 +176,9 @@ def shareable_spec(spec: WorkerSpec):
     """(spec without the pooled arrays, x and y as torch tensors in shared memory): what a worker process needs.
 
     The pooled arrays are copied once into shared memory and reach every worker as a handle (torch.multiprocessing
-    shares tensor storage between processes); the rest of the spec is small and pickled once per worker.
+    shares tensor storage between processes); the rest of the spec is small and pickled once per worker. The
+    dataset object itself is then pointed at the shared copy (same values), so that the main process does not
+    keep a second private copy of the pool.
     """
     import dataclasses
 
@@ -186,6 +188,10 @@ def shareable_spec(spec: WorkerSpec):
     ds = spec.dataset
     x = torch.from_numpy(np.ascontiguousarray(ds.x)).share_memory_()
     y = torch.from_numpy(np.ascontiguousarray(ds.y)).share_memory_()
+    try:
+        ds.x, ds.y = x.numpy(), y.numpy()
+    except (AttributeError, dataclasses.FrozenInstanceError):
+        pass
     light = dataclasses.replace(ds, x=np.empty((0,) + tuple(ds.x.shape[1:]), dtype=ds.x.dtype), y=np.empty(0, dtype=ds.y.dtype))
     return dataclasses.replace(spec, dataset=light), x, y
 
