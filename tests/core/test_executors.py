@@ -218,3 +218,12 @@ def test_unknown_executor_and_bad_sizes():
     with pytest.raises(ConfigError, match="workers must be >= 0"):
         fedforge.build_config(overrides={"workers": -1})
     assert {"sequential", "process", "ray", "vectorized"} <= set(EXECUTORS.names())
+
+
+def test_vectorized_honours_injected_failures():
+    """Clients drawn to fail take the worker's guarded path; the others are trained together."""
+    seq, vec = run(fail_rate=0.3), run(fail_rate=0.3, executor="vectorized")
+    assert seq.summary["failed_updates"] == vec.summary["failed_updates"] > 0
+    assert [r["clients"] for r in seq.records] == [r["clients"] for r in vec.records]
+    for k in seq.server:
+        torch.testing.assert_close(vec.server[k], seq.server[k], rtol=1e-4, atol=1e-5)

@@ -106,7 +106,11 @@ class VectorizedExecutor(Executor):
     def _train(self, tasks: list[Task]) -> list[Any]:
         out: list[Any] = [None] * len(tasks)
         groups: dict[str, list[int]] = {}
+        faults = getattr(self.worker.spec, "faults", None)
         for i, t in enumerate(tasks):
+            if faults is not None and faults.draw(t.round, t.cid) is not None:
+                out[i] = self.seq.map([t])[0]  # an injected failure: the worker's own guarded path
+                continue
             groups.setdefault(self.algo.ctx.arch(t.cid), []).append(i)
         for arch, idx in groups.items():
             if self._reason(arch):
@@ -119,8 +123,17 @@ class VectorizedExecutor(Executor):
                 part = idx[s : s + self.chunk]
                 with torch_threads(task_threads(self.threads)):
                     for i, r in zip(part, self._train_chunk(arch, [tasks[i] for i in part])):
-                        out[i] = r
+                        out[i] = self._guarded(faults, tasks[i], r)
         return out
+
+    @staticmethod
+    def _guarded(faults: Any, task: Task, result: Any) -> Any:
+        """Pass a vectorized result through the same client guard as the sequential worker (NaN checks, ...)."""
+        if faults is None:
+            return result
+        from .faults import run_guarded
+
+        return run_guarded(faults, task.round, task.cid, lambda: result)
 
     def _grad_fn(self, arch: str):
         fn = self._fns.get(arch)
