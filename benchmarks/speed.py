@@ -341,6 +341,40 @@ def report() -> str:
     return "\n".join(out)
 
 
+def schedule_balance(workers: int = 2) -> None:
+    """How evenly the pool's schedule splits the pfllib-mnist round over ``workers`` (no training: sample counts)."""
+    import fedforge.algorithms  # noqa: F401
+    from fedforge.config import build_config
+    from fedforge.core.executors import Schedule
+    from fedforge.core.runtime import Task, WorkerSpec
+    from fedforge.core.simulation import Simulation
+
+    sim = Simulation(build_config(overrides=dict(MNIST, rounds=0)), run_dir=False, progress=False)
+    spec = WorkerSpec(sim.ds, sim.partition, sim.algo)
+    sizes = sim.ctx.train_sizes
+    tasks = [Task("train", c, 1, {}, None) for c in range(sim.ctx.num_clients)]
+
+    def makespan(order) -> float:
+        t = [0.0] * workers
+        for i in order:  # each task goes to the worker that frees first
+            k = min(range(workers), key=t.__getitem__)
+            t[k] += sizes[i]
+        return max(t) / (sum(sizes) / workers)
+
+    def streamed() -> list[int]:
+        sched, out, done = Schedule(spec, iter(tasks), workers), [], 0
+        while (item := sched.next(done)) is not None:
+            out.append(item[0])
+            done += 1  # as if results came back in order (the window then never blocks)
+        return out
+
+    plain = makespan(range(len(tasks)))
+    look = makespan(streamed())
+    full = makespan(sorted(range(len(tasks)), key=lambda i: -sizes[i]))
+    print(f"slowest worker / even split, {workers} workers: in task order {plain:.3f}, "
+          f"look-ahead stream {look:.3f}, sorted list {full:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -351,10 +385,14 @@ def main(argv: list[str] | None = None) -> int:
     one.add_argument("case")
     sub.add_parser("list", help="list the cases")
     sub.add_parser("report", help="print markdown tables of the finished cases")
+    sub.add_parser("schedule", help="how evenly the process/ray schedule splits the pfllib-mnist round (no training)")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for k in (*SPECIAL, *CASES):
             print(k)
+        return 0
+    if args.cmd == "schedule":
+        schedule_balance()
         return 0
     if args.cmd == "report":
         print(report())
