@@ -21,9 +21,9 @@ is available and is what PFLlib implements.
 Departures from PFLlib (reference notes): PFLlib's outer step uses the local learning rate and ignores ``beta``
 (issue #106) and its server calls ``train()`` twice per round (#237). Here ``beta`` is the outer step, ``alpha`` the
 inner one, and a round is **one** pass over the local data (batches of 2B for FO, 3B for HF, split into D, D′, D″),
-so the run's ``lr`` is not used by this method. Defaults α = 0.01, β = 0.001 (τ = 4-step setting of the paper's
-experiments, as also used by independent re-implementations; pFedMe's authors ran Per-FedAvg with β = 0.001 too)
-and δ = 0.001; with β this small the global model moves slowly in short runs.
+so the run's ``lr`` is not used by this method. Defaults α = 0.01, β = 0.001, δ = 0.001 are the step sizes of the
+paper's image experiments as used by re-implementations of them (pFedMe's authors also ran Per-FedAvg with
+β = 0.001); with β this small the global model moves slowly in short runs (set ``beta`` for a faster outer step).
 """
 from __future__ import annotations
 
