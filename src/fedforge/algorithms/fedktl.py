@@ -32,6 +32,11 @@ Departures from prior code (HtFLlib / FedKTL repository), following the paper:
   is also per client, because heterogeneous clients have different feature sizes (HtFLlib pools every feature
   to 512).
 * prototypes come from the model after local training (the same in the authors' code).
+* the class centroids are the means of F(P) with BatchNorm normalising by the uploaded prototypes' own statistics
+  (as during alignment). HtFLlib computes them with F in eval mode, i.e. with running statistics left from the
+  previous round's prototypes; when the prototypes' spread changes between rounds (it grows fast in the first
+  rounds) that maps them far from the prior (root-mean-square 12.7 instead of about 1 for the built-in
+  generator's N(0, I) in our probe), the MMD's RBF kernels vanish there, and the λ·MSE term drags F after them.
 * the ETF is fixed and built from the run seed on each side, so it is never sent (the paper does not count it).
 * generated images are sent as uint8 pixels at the clients' input shape (C·H·W·channels bytes each) and
   normalised like the clients' own data, not with HtFLlib's fixed 0.5/0.5.
@@ -140,12 +145,26 @@ def alignment_losses(Fm: nn.Module, protos: torch.Tensor, labels: torch.Tensor, 
 
 
 @torch.no_grad()
+def transform_all(Fm: nn.Module, protos: torch.Tensor) -> torch.Tensor:
+    """F(P) for all uploaded prototypes at once, BatchNorm normalising with *their* statistics (train mode with
+    momentum 0, so the running statistics are left as they are)."""
+    bns = [m for m in Fm.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved, was = [m.momentum for m in bns], Fm.training
+    for m in bns:
+        m.momentum = 0.0
+    Fm.train()
+    try:
+        return Fm(protos) if protos.shape[0] > 1 else Fm.eval()(protos)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+        Fm.train(was)
+
+
+@torch.no_grad()
 def class_centroids(Fm: nn.Module, protos: torch.Tensor, labels: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """Q̄_c = mean of F(P) over the uploads of class c (eval mode); classes nobody uploaded keep their row."""
-    was = Fm.training
-    Fm.eval()
-    q = Fm(protos)
-    Fm.train(was)
+    """Q̄_c = mean of F(P) over the uploads of class c; classes nobody uploaded keep their row."""
+    q = transform_all(Fm, protos)
     out = current.detach().clone()
     counts = torch.bincount(labels, minlength=out.shape[0])
     sums = torch.zeros_like(out).index_add_(0, labels, q)
@@ -221,7 +240,10 @@ class FedKTL(Algorithm):
         return {**with_prefix(Fm.state_dict(), "ftrans"), "centroids": centroids}
 
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
-        """The C generated (image, latent) pairs once they exist (nothing in round 1)."""
+        """The C generated (image, latent) pairs once they exist (nothing in round 1, nothing when μ = 0: the
+        clients would not use them)."""
+        if self.mu == 0:
+            return {}
         return {k: server[k] for k in ("gen/images", "gen/latents") if k in server}
 
     def eval_message(self, server: State, cid: int) -> Message:
