@@ -309,6 +309,8 @@ class FedKTL(Algorithm):
         return fit_to_input(raw, self.ctx.input_shape), preview
 
     def aggregate(self, server: State, updates: list[Update], rnd: int) -> State:
+        if self.mu == 0:  # nothing generated would be used: the clients train on their own data only
+            return server
         pairs = [(v, c) for u in updates for k, v in u.upload.items() if k.startswith("proto/")
                  for c in [int(k.split("/", 1)[1])]]
         if not pairs:
