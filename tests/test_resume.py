@@ -20,7 +20,10 @@ import pytest
 from fedforge.cli import main as cli_main
 from fedforge.core.checkpoint import load_checkpoint
 
-TIMING = {"seconds", "eval_seconds", "train_seconds"}
+def _timing(key: str) -> bool:
+    """Wall-clock measurements (seconds, eval_seconds, server_seconds, ...) differ from run to run."""
+    return key.endswith("seconds")
+
 ARGS = ["--dataset", "digits", "--model", "mlp", "--clients", "4", "--rounds", "6", "--checkpoint-every", "2",
         "--batch-size", "16", "--lr", "0.05", "--seed", "5", "--threads", "1", "--no-progress"]
 HOOKS = ("FEDFORGE_TEST_DIE_AT", "FEDFORGE_TEST_PAUSE_AT", "FEDFORGE_TEST_NAN_AT")
@@ -76,7 +79,7 @@ def _signal_at(args: list[str], cwd: Path, point: str, sig: int) -> subprocess.C
 
 def _metrics(run_dir: Path) -> list[dict]:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+    return [{k: v for k, v in r.items() if not _timing(k)} for r in rows]
 
 
 def _status(run_dir: Path) -> dict:
@@ -258,5 +261,20 @@ def test_stop_request_in_process_writes_a_checkpoint(tmp_path):
     assert e.value.exit_code == 143 and "after round 1 of 3" in str(e.value)
     assert _ckpt_round(run) == 1  # checkpoint_every=0 writes none on schedule, but a stop always does
     res = Simulation(resume_config(run), resume=run, progress=False).run()
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING} for r in rows]  # noqa: E731
+    strip = lambda rows: [{k: v for k, v in r.items() if not _timing(k)} for r in rows]  # noqa: E731
     assert strip(res.records) == strip(full.records)
+
+
+def test_a_run_directory_in_use_is_not_resumed_twice(tmp_path, capsys):
+    from fedforge.core.simulation import _RunLock
+
+    run = _small_run(tmp_path)
+    (run / "run.json").write_text(json.dumps({"status": "running"}))
+    (run / "summary.json").unlink()
+    lock = _RunLock(run)  # as if another process were still working in it
+    try:
+        assert cli_main(["run", "--resume", str(run), "--no-progress"]) == 2
+        assert f"is in use by fedforge process {os.getpid()}" in capsys.readouterr().err
+    finally:
+        lock.release()
+    assert cli_main(["-q", "run", "--resume", str(run), "--no-progress"]) == 0

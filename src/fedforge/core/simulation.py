@@ -5,6 +5,7 @@ import inspect
 import json
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -163,14 +164,19 @@ class Simulation:
         self._executor = executor
         self.run_dir: RunDir | None = None
         self.checkpoint: Checkpoint | None = None
+        self._lock: _RunLock | None = None
         if resume is not None:
             self.run_dir = RunDir(resume)
-            self.checkpoint = load_checkpoint(resume)
-            if self.checkpoint is not None:
-                ident = self.checkpoint.info.get("identity")
+            self._lock = _RunLock(self.run_dir.path)  # before reading anything another process may be writing
+            try:
+                self.checkpoint = load_checkpoint(resume)
+                ident = self.checkpoint.info.get("identity") if self.checkpoint is not None else None
                 if ident is not None and ident != _jsonable(self.cfg.identity()):
                     raise CheckpointError(f"the checkpoint in {resume} was written by a run with another configuration; "
                                           f"delete {Path(resume) / CHECKPOINT_DIR} to restart this run from round 0.")
+            except BaseException:
+                self._lock.release()
+                raise
         elif run_dir is not False:
             self.run_dir = RunDir.create(run_dir if run_dir not in (None, True) else (cfg.out or default_run_dir(cfg)))
         self._stop: int | None = None  # the signal that asked the run to stop
@@ -198,6 +204,16 @@ class Simulation:
         self.request_stop(signum)
 
     def run(self) -> RunResult:
+        if self._lock is None and self.run_dir is not None:
+            self._lock = _RunLock(self.run_dir.path)
+        try:
+            return self._run()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    def _run(self) -> RunResult:
         cfg = self.cfg
         rd = self.run_dir
         if rd is not None:
@@ -385,9 +401,15 @@ class Simulation:
         info: dict[str, Any] = {"bytes_down": sum(nbytes(m) for m in msgs.values()),
                                 "params_down": sum(numel(m) for m in msgs.values())}
         tasks = [Task("train", cid, rnd, msgs[cid], prog.store.get(cid)) for cid in active]
-        results = executor.map(self._dispatch(tasks))
+        try:
+            results = executor.map(self._dispatch(tasks))
+        except Exception:
+            if self._stop is not None:  # e.g. Ctrl-C reached pool workers too: the round is abandoned, redone on resume
+                self._check_stop(prog)
+            raise
         if len(results) < len(tasks):  # a stop request cut the round short: it is abandoned, redone on resume
             self._check_stop(prog)
+            raise RuntimeError(f"the {executor.name or 'executor'} executor returned {len(results)} results for {len(tasks)} tasks")
         updates: list[Update] = []
         failures: list[ClientFailure] = []
         for r in results:
@@ -413,8 +435,9 @@ class Simulation:
                       f"{cfg.max_fail_fraction:g} allows (first: client {first.cid}, {first.error})"
                       + (f"; see {self.run_dir.file(FAILURES_FILE)}" if self.run_dir is not None else ""), TooManyFailures)
             raise err from cause
-        for f in failures:
-            log.warning("round %d: client %d left out (%s: %s)", rnd, f.cid, f.kind, f.error)
+        if failures:
+            log.warning("round %d: %d of %d clients left out (%s)", rnd, len(failures), len(active),
+                        ", ".join(f"client {f.cid}: {f.kind}" for f in failures))
         for u in updates:
             if u.state is not None:
                 prog.store.put(u.cid, u.state)
@@ -599,6 +622,39 @@ class Simulation:
 
 
 FAILURES_FILE = "failures.jsonl"
+
+
+class _RunLock:
+    """An exclusive lock on a run directory while a process works in it (released by the OS if the process dies),
+    so that a run is never resumed twice at once."""
+
+    NAME = ".lock"
+
+    def __init__(self, path: Path):
+        self.fd: int | None = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no lock
+            return
+        self.fd = os.open(path / self.NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.read(self.fd, 32).decode(errors="replace").strip() or "another process"
+            os.close(self.fd)
+            self.fd = None
+            raise ConfigError(f"run directory {path} is in use by fedforge process {holder}; wait for it to finish or "
+                              f"stop it before resuming.") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, str(os.getpid()).encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the flock
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.release()
 
 
 def _check_device(device: str) -> None:
