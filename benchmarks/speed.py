@@ -55,8 +55,9 @@ def ditto_or_local() -> str:
     return DITTO if DITTO in ALGORITHMS else "local"
 
 
+# 30 rounds of 10 %: 96 % of the clients have taken part (and hold a personal model) by the end
 SCALE500 = dict(dataset="cifar100", model="cnn", partition="dirichlet", alpha=0.1, clients=500, join_ratio=0.1,
-                batch_size=10, local_epochs=1, lr=0.005, rounds=3, eval_every=3, seed=0)
+                batch_size=10, local_epochs=1, lr=0.005, rounds=30, eval_every=30, seed=0)
 SCALE10K = dict(dataset="cifar100", model="cnn", partition="iid", clients=10_000, join_ratio=0.005, batch_size=10,
                 local_epochs=1, lr=0.005, rounds=3, eval_every=3, seed=0, state_store="disk")
 
