@@ -74,6 +74,7 @@ CASES: dict[str, tuple[dict, dict]] = {
     "cifar-process-bf16": (dict(CIFAR, executor="process", workers=2, precision="bf16"), {}),
     "ditto-500": (dict(SCALE500, executor="sequential"), {"ditto": True}),
     "ditto-500-process": (dict(SCALE500, executor="process", workers=2), {"ditto": True}),
+    "ditto-500-disk": (dict(SCALE500, executor="sequential", state_store="disk"), {"ditto": True}),
     "ditto-10k-disk": (dict(SCALE10K, executor="sequential"), {"ditto": True}),
     "ditto-10k-disk-process": (dict(SCALE10K, executor="process", workers=2), {"ditto": True}),
 }
