@@ -54,7 +54,8 @@ def test_defaults_follow_the_generator_kind(sim):
     assert make_sim().algo.hp.server_epochs == 100
     algo = make_sim(params={"lam": 0.1, "mu": 0}).algo
     assert (algo.lam, algo.mu) == (0.1, 0.0)
-    for bad in ({"lam": -1}, {"mu": "lots"}, {"server_lr": 0}, {"margin": 4.0}, {"server_batch_size": 1}):
+    for bad in ({"lam": -1}, {"mu": "lots"}, {"server_lr": 0}, {"margin": 4.0}, {"server_batch_size": 1},
+                {"centroid_stats": "eval"}):
         with pytest.raises(ConfigError, match="fedktl"):
             make_sim(params=bad)
 

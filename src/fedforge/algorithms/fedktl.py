@@ -36,7 +36,8 @@ Departures from prior code (HtFLlib / FedKTL repository), following the paper:
   (as during alignment). HtFLlib computes them with F in eval mode, i.e. with running statistics left from the
   previous round's prototypes; when the prototypes' spread changes between rounds (it grows fast in the first
   rounds) that maps them far from the prior (root-mean-square 12.7 instead of about 1 for the built-in
-  generator's N(0, I) in our probe), the MMD's RBF kernels vanish there, and the λ·MSE term drags F after them.
+  generator's N(0, I) in ``benchmarks/ktl_centroid_probe.py``), the MMD's RBF kernels vanish there, and the λ·MSE
+  term drags F after them. ``centroid_stats=running`` restores the authors' behaviour.
 * the ETF is fixed and built from the run seed on each side, so it is never sent (the paper does not count it).
 * generated images are sent as uint8 pixels at the clients' input shape (C·H·W·channels bytes each) and
   normalised like the clients' own data, not with HtFLlib's fixed 0.5/0.5.
@@ -86,6 +87,9 @@ class FedKTLParams(HyperParams):
     gen_steps: int = hp(50, "denoising steps of a diffusion generator", ge=1)
     guidance: float = hp(7.5, "classifier-free guidance scale of a diffusion generator", ge=0.0)
     gen_batch_size: int = hp(4, "images per generator call on the server", ge=1)
+    centroid_stats: str = hp("prototypes", "BatchNorm statistics of F when the class centroids are (re)set: the uploaded "
+                             "prototypes' own, or 'running' (the authors' code: eval mode, last round's running statistics)",
+                             choices=("prototypes", "running"))
 
     def validate(self, owner: str) -> None:
         for name, low, strict in (("lam", 0.0, False), ("mu", 0.0, False), ("server_lr", 0.0, True)):
@@ -162,9 +166,17 @@ def transform_all(Fm: nn.Module, protos: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def class_centroids(Fm: nn.Module, protos: torch.Tensor, labels: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
-    """Q̄_c = mean of F(P) over the uploads of class c; classes nobody uploaded keep their row."""
-    q = transform_all(Fm, protos)
+def class_centroids(Fm: nn.Module, protos: torch.Tensor, labels: torch.Tensor, current: torch.Tensor,
+                    running_stats: bool = False) -> torch.Tensor:
+    """Q̄_c = mean of F(P) over the uploads of class c; classes nobody uploaded keep their row.
+
+    ``running_stats``: F in eval mode (BatchNorm with its running statistics), as the authors' code does."""
+    if running_stats:
+        was = Fm.training
+        q = Fm.eval()(protos)
+        Fm.train(was)
+    else:
+        q = transform_all(Fm, protos)
     out = current.detach().clone()
     counts = torch.bincount(labels, minlength=out.shape[0])
     sums = torch.zeros_like(out).index_add_(0, labels, q)
@@ -262,7 +274,8 @@ class FedKTL(Algorithm):
         Fm.load_state_dict(under(server, "ftrans"))
         Fm.to(dev)
         protos, labels = protos.to(dev).float(), labels.to(dev)
-        cent = nn.Parameter(class_centroids(Fm, protos, labels, server["centroids"].to(dev)))
+        running = self.hp.centroid_stats == "running"
+        cent = nn.Parameter(class_centroids(Fm, protos, labels, server["centroids"].to(dev), running))
         opt_f = torch.optim.Adam(Fm.parameters(), lr=self.server_lr)
         opt_c = torch.optim.Adam([cent], lr=self.server_lr)
         n, bs = protos.shape[0], self.hp.server_batch_size
@@ -292,7 +305,7 @@ class FedKTL(Algorithm):
             if batches:
                 history["mmd"].append(sums[0] / batches)
                 history["mse"].append(sums[1] / batches)
-        final = class_centroids(Fm, protos, labels, cent.detach())
+        final = class_centroids(Fm, protos, labels, cent.detach(), running)
         new = {**server, **with_prefix({k: v.detach().cpu() for k, v in Fm.state_dict().items()}, "ftrans"),
                "centroids": final.cpu()}
         return new, history
