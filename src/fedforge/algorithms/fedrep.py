@@ -7,8 +7,10 @@ Clients share a representation φ (the body) and keep their own heads h_k. In ro
     3. uploads φ_k; the server sets φ^{t+1} ← Σ_k (n_k / n) · φ_k (the paper averages uniformly over the round's
        clients; the sample-weighted mean here matches FedAvg and PFLlib).
 
-A client is judged with (φ, h_k). The paper's experiments run 10 local epochs for the head and 1 for the
-representation (τ_h = 10); PFLlib's default is 1 head epoch (-pls 1).
+A client is judged with (φ, h_k). The paper's experiments run ten local epochs for the head, then one or five
+for the representation depending on the dataset (τ_h = 10; the body's epochs are the run's ``local_epochs``);
+PFLlib's default is 1 head epoch (-pls 1). The paper uses SGD with momentum; here both phases use the
+project's plain SGD loop, like every other method.
 """
 from __future__ import annotations
 
