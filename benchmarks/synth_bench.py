@@ -37,21 +37,42 @@ def _done() -> dict[str, dict]:
     return {r["name"]: r for r in rows}
 
 
+def shipped_generator() -> dict:
+    """Provenance of the built-in generator; refuses weights that are not committed as they are."""
+    import hashlib
+    import subprocess
+
+    from fedforge.generative.builtin import CONFIG, WEIGHTS, default_asset_dir
+
+    folder = default_asset_dir()
+    files = [folder / WEIGHTS, folder / CONFIG]
+    rel = [str(f.relative_to(REPO)) for f in files]
+    tracked = subprocess.run(["git", "ls-files", "--error-unmatch", *rel], cwd=REPO, capture_output=True).returncode == 0
+    clean = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", *rel], cwd=REPO).returncode == 0
+    if not (tracked and clean):
+        raise SystemExit(f"the built-in generator in {folder} is not the committed one (tracked={tracked}, "
+                         f"unchanged={clean}); wait for the shipped weights.")
+    cfg = json.loads(files[1].read_text())
+    return {"generator_steps": cfg.get("steps"), "generator_sha256": hashlib.sha256(files[0].read_bytes()).hexdigest()[:16]}
+
+
 def run_all(args) -> None:
     from fedforge.data import load_dataset
     from fedforge.generative import load_generator
     from fedforge.synth import SynthConfig, load_encoder, run_synth
 
+    prov = shipped_generator()
+    print(f"built-in generator: {prov}", flush=True)
     ds = load_dataset("cifar100", args.data_root, class_subset="50-59")
     enc = load_encoder("builtin")
     gen = load_generator("builtin")
     runs_dir = Path(args.runs)
     DOCS.mkdir(parents=True, exist_ok=True)
     if args.sweep:
-        plan = [(s, e, seed, "sweep") for e in (1.0, 5.0, 20.0, 100.0, math.inf) for s in ("pe", "pcevolve")
+        plan = [(s, e, seed, args.tag or "sweep") for e in (1.0, 5.0, 20.0, 100.0, math.inf) for s in ("pe", "pcevolve")
                 for seed in args.seeds]
     else:
-        plan = [(s, args.epsilon, seed, "main") for s in ("none", "rf", "pe", "pcevolve") for seed in args.seeds]
+        plan = [(s, e, seed, args.tag or "main") for e in args.epsilons for s in args.selectors for seed in args.seeds]
     for selector, eps, seed, tag in plan:
         name = _name(selector, eps, seed, tag)
         if name in _done():
@@ -62,18 +83,20 @@ def run_all(args) -> None:
             shutil.rmtree(out)  # an unfinished run: start it again
         cfg = SynthConfig(private="cifar100", class_subset="50-59", shots=10, selector=selector, epsilon=eps,
                           iterations=args.iterations, per_class=args.per_class, seed=seed, out=str(out),
-                          eval_every=args.eval_every, eval_modes=("syn", "mix"), data_root=args.data_root)
+                          eval_every=args.eval_every, eval_modes=("syn", "mix"), data_root=args.data_root,
+                          strength=args.strength, strength_step=args.strength_step, strength_min=args.strength_min)
         t0 = time.perf_counter()
         res = run_synth(cfg, dataset=ds, generator=gen, encoder=enc)
         s = res.summary
         row = {"name": name, "tag": tag, "selector": selector, "epsilon": None if math.isinf(eps) else eps,
                "seed": seed, "iterations": s["iterations"], "per_class": args.per_class,
+               "strength": [args.strength, args.strength_step, args.strength_min],
                "syn_acc": s["final"]["syn"]["acc"], "syn_f1": s["final"]["syn"]["macro_f1"],
                "mix_acc": s["final"]["mix"]["acc"], "mix_f1": s["final"]["mix"]["macro_f1"],
                "real_acc": s["final"]["real"]["acc"], "real_f1": s["final"]["real"]["macro_f1"],
                "seconds_per_iteration": s["seconds_per_iteration"], "wall_seconds": time.perf_counter() - t0,
                "epsilon_total": s["privacy"]["epsilon_total"], "delta_total": s["privacy"]["delta_total"],
-               "pe_sigma": s["pe_sigma"],
+               "pe_sigma": s["pe_sigma"], **prov,
                "curve": [{k: r.get(k) for k in ("iteration", "kept", "syn_acc", "mix_acc")} for r in res.records
                          if r.get("syn_acc") is not None]}
         with RESULTS.open("a") as f:
@@ -120,14 +143,20 @@ def main() -> None:
     ap.add_argument("--runs", default=str(REPO / "runs" / "bench-synth"))
     ap.add_argument("--iterations", type=int, default=20)
     ap.add_argument("--per-class", type=int, default=100)
-    ap.add_argument("--epsilon", type=float, default=0.2)
+    ap.add_argument("--epsilons", type=float, nargs="+", default=[0.2])
+    ap.add_argument("--selectors", nargs="+", default=["none", "rf", "pe", "pcevolve"])
+    ap.add_argument("--tag", default=None, help="name of this group of runs (default: main, or sweep with --sweep)")
+    ap.add_argument("--strength", type=float, default=0.8)
+    ap.add_argument("--strength-step", type=float, default=0.02)
+    ap.add_argument("--strength-min", type=float, default=0.6)
     ap.add_argument("--eval-every", type=int, default=5)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--sweep", action="store_true", help="pe and pcevolve at ε = 1, 5, 20, 100, ∞ instead")
     ap.add_argument("--table", action="store_true", help="print the tables from results.jsonl and stop")
     args = ap.parse_args()
     if args.table:
-        print("main:\n" + table("main") + "\n\nsweep:\n" + table("sweep"))
+        for tag in sorted({r["tag"] for r in _done().values()}):
+            print(f"{tag}:\n{table(tag)}\n")
         return
     run_all(args)
 
