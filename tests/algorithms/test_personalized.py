@@ -385,7 +385,7 @@ def test_fedfomo_download_is_per_client_and_top_m():
     ("per_fedavg", {"variant": "so"}, ["variant", "hf", "fo"]),
     ("fedfomo", {"val_ratio": 0.0}, ["val_ratio", "0.2"]),
     ("fedfomo", {"M": -1}, ["M", ">= 0", "5"]),
-    ("fedamp", {"alphaK": 0.0}, ["alphaK", "lamda", "1.0"]),
+    ("fedamp", {"alphaK": 0.0}, ["alphaK", "lamda", "0.05"]),
     ("fedamp", {"sigma": 0}, ["sigma", "> 0"]),
     ("apple", {"dr_lr": -1}, ["dr_lr", ">= 0", "0.001"]),
     ("apple", {"L": 2}, ["L", "<= 1", "0.1"]),
@@ -398,3 +398,14 @@ def test_bad_hyper_parameters_stop_with_one_sentence(name, params, words):
     assert "\n" not in msg and msg.startswith(name)
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_fedamp_warns_when_the_message_passing_step_can_extrapolate(caplog):
+    _, sim, _ = run("fedamp")
+    cls = ALGORITHMS.get("fedamp")
+    with caplog.at_level("WARNING", logger="fedforge"):
+        cls.create({}, sim.ctx)
+    assert not caplog.records  # defaults: α_K (N − 1) / σ = 0.15 ≤ 1
+    with caplog.at_level("WARNING", logger="fedforge"):
+        cls.create({"alphaK": 1.0, "lamda": 1.0}, sim.ctx)  # PFLlib's values: ξ_ii can reach 1 − 3 = −2
+    assert any("sigma/(N-1)" in r.getMessage() for r in caplog.records)

@@ -16,13 +16,19 @@ Departures from PFLlib (reference notes): PFLlib computes the penalty on ``.data
 so it has no gradient, and it never loads u_i, so its FedAMP trains like ``local``. Here the penalty is
 λ/(2α_K)·‖w − u_i‖², differentiable in w (:meth:`FedAMP.penalty`, tested), and local training starts from u_i.
 
-Defaults α_K = 1, λ = 1, σ = 1 are PFLlib's; the paper leaves them to tuning per data set. ξ_ii becomes negative
-when Σ_{j≠i} ξ_ij > 1 (many near-identical models; α_K ≤ σ/(N − 1) rules it out); the round's smallest ξ_ii is
-recorded as ``amp_self_weight_min``. With α_K = 0 and λ = 0 there is no message passing and FedAMP is ``local``
-(tested); α_K = 0 with λ > 0 is rejected (the penalty λ/(2α_K) is undefined).
+Defaults. The paper tunes α_K, λ and σ per data set. PFLlib's α_K = σ = 1 are not usable once u_i is really used:
+on fmnist (Dirichlet 0.1, 20 clients, 4-layer CNN, lr 0.005) the squared distances after one round are 0.3–0.9, so
+Σ_{j≠i} ξ_ij ≈ 11, ξ_ii ≈ −10, and the cloud models u_i classify 0.06 % of the clients' test data correctly
+(against 90.6 % for the clients' own models). α_K is the step size of a gradient step on the attention term, and
+it is stable, with u_i a convex combination (ξ_ii ≥ 0), when α_K ≤ σ/(N − 1) (since A′ ≤ 1/σ). The defaults are
+σ = 1, α_K = 0.05 (a convex combination for up to 21 clients; on the run above ξ_ii ≈ 0.36–0.45 and u_i scores
+89.9 %) and λ = 0.05, which keeps PFLlib's penalty weight λ/α_K = 1. A warning is logged when α_K > σ/(N − 1),
+and each round's smallest ξ_ii is recorded as ``amp_self_weight_min``. With α_K = 0 and λ = 0 there is no message
+passing and FedAMP is ``local`` (tested); α_K = 0 with λ > 0 is rejected (the penalty λ/(2α_K) is undefined).
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -35,17 +41,19 @@ from ..core.params import HyperParams, hp
 from ..errors import ConfigError
 from .mechanics import mix_params, proximal_term
 
+log = logging.getLogger("fedforge")
+
 
 @dataclass(frozen=True)
 class FedAMPParams(HyperParams):
-    alphaK: float = hp(1.0, "α_K: step size of the message passing, ξ_ij = α_K·A′(‖w_i − w_j‖²); the penalty is λ/(2α_K)", ge=0.0)
-    lamda: float = hp(1.0, "λ: weight of the penalty λ/(2α_K)·‖w − u_i‖² towards the personalized cloud model", ge=0.0)
+    alphaK: float = hp(0.05, "α_K: step size of the message passing, ξ_ij = α_K·A′(‖w_i − w_j‖²); the penalty is λ/(2α_K)", ge=0.0)
+    lamda: float = hp(0.05, "λ: weight of the penalty λ/(2α_K)·‖w − u_i‖² towards the personalized cloud model", ge=0.0)
     sigma: float = hp(1.0, "σ of the attention function A(x) = 1 − exp(−x/σ)", gt=0.0)
 
     def validate(self, owner: str) -> None:
         if self.alphaK == 0 and self.lamda > 0:
             raise ConfigError(f"{owner}: alphaK must be > 0 when lamda > 0 (the penalty weight is lamda/(2·alphaK)); "
-                              f"the default is 1.0.")
+                              f"the default is {type(self).__dataclass_fields__['alphaK'].default}.")
 
 
 @register_algorithm("fedamp", summary="FedAMP (Huang et al., AAAI 2021): attentive message passing to per-client cloud models")
@@ -58,6 +66,11 @@ class FedAMP(Algorithm):
     def __init__(self, hp, ctx):
         super().__init__(hp, ctx)
         self._xi_cache: tuple[int, torch.Tensor] | None = None
+        n = ctx.num_clients
+        if n > 1 and hp.alphaK * (n - 1) > hp.sigma:
+            log.warning("fedamp: alphaK=%g > sigma/(N-1)=%.4g for %d clients: the self-attention weights xi_ii can go "
+                        "negative and the cloud models extrapolate; lower alphaK (and lamda with it).",
+                        hp.alphaK, hp.sigma / (n - 1), n)
 
     # ------------------------------------------------------------------------------------- server
     def init_server(self) -> State:
