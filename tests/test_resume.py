@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+import fedforge.algorithms  # noqa: F401  (registers the algorithms)
 from fedforge.cli import main as cli_main
 from fedforge.core.checkpoint import load_checkpoint
 
@@ -60,8 +61,9 @@ def _reap(p: subprocess.Popen) -> None:
         p.wait(timeout=30)
 
 
-def _signal_at(args: list[str], cwd: Path, point: str, sig: int) -> subprocess.CompletedProcess:
-    """Run until the pause point, send ``sig`` to the run's process, and wait for it to stop."""
+def _signal_at(args: list[str], cwd: Path, point: str, sig: int, group: bool = False) -> subprocess.CompletedProcess:
+    """Run until the pause point, send ``sig`` to the run's process (``group``: to its whole process group, as Ctrl-C
+    in a terminal does), and wait for it to stop."""
     p = subprocess.Popen(_cmd(*args), cwd=cwd, env=_env(FEDFORGE_TEST_PAUSE_AT=point), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
@@ -69,7 +71,7 @@ def _signal_at(args: list[str], cwd: Path, point: str, sig: int) -> subprocess.C
         for line in p.stderr:
             lines.append(line)
             if line.startswith("fedforge-test: paused at"):
-                p.send_signal(sig)
+                os.killpg(p.pid, sig) if group else p.send_signal(sig)
                 break
         out, err = p.communicate(timeout=300)
     finally:
@@ -183,10 +185,15 @@ def test_process_executor_killed_mid_round_resumes_bit_for_bit(baseline, tmp_pat
         pytest.skip("the process executor is not registered in this build")
     run = tmp_path / "run"
     args = [*ARGS, "--executor", "process", "--workers", "2"]
-    r = _run([*args, "--out", str(run)], tmp_path, FEDFORGE_TEST_DIE_AT="round:4")
+    resume = ["--resume", str(run), "--no-progress"]
+    # Ctrl-C in a terminal reaches the pool workers too; the main process still stops cleanly with a checkpoint
+    r = _signal_at([*args, "--out", str(run)], tmp_path, "client:10", signal.SIGINT, group=True)
+    assert r.returncode == 130, r.stderr
+    assert "Traceback" not in r.stderr and _ckpt_round(run) == 2
+    r = _run(resume, tmp_path, FEDFORGE_TEST_DIE_AT="round:2")  # SIGKILL at the start of round 4
     assert r.returncode == -signal.SIGKILL
     assert _ckpt_round(run) == 2
-    r = _run(["--resume", str(run), "--no-progress"], tmp_path)
+    r = _run(resume, tmp_path)
     assert r.returncode == 0, r.stderr
     assert _metrics(run) == baseline  # and equal to the sequential executor's
 

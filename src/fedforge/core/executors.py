@@ -221,8 +221,13 @@ def raise_remote(exc: BaseException | None, tb: str, where: str) -> None:
 
 def _process_worker(conn, light: bytes, x, y, threads: int) -> None:
     """Body of one worker process: build the Worker once, then run tasks until told to stop."""
+    import signal
+
     import torch
 
+    # Ctrl-C reaches the whole terminal process group: the main process alone decides how to stop (it lets the
+    # tasks in flight finish, writes a checkpoint, then stops the pool), so workers ignore SIGINT
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     torch.set_num_threads(threads)
     try:
         torch.set_num_interop_threads(1)
