@@ -18,7 +18,9 @@ import torch
 from fedforge.algorithms import ALGORITHMS
 from fedforge.config import build_config
 from fedforge.errors import ConfigError
+from fedforge.core.checkpoint import load_checkpoint, save_checkpoint
 from fedforge.core.simulation import Simulation, resume_config
+from fedforge.core.store import MemoryStore
 from fedforge.generative.base import GeneratorError
 
 def _timing(key: str) -> bool:
@@ -82,3 +84,40 @@ def test_checkpoint_round_trip(name, tmp_path):
     assert full.store.cids() == resumed.store.cids()
     for cid in full.store.cids():
         _assert_same_state(full.store.get(cid), resumed.store.get(cid), f"{name} client {cid} state")
+
+
+class _ReorderingStore(MemoryStore):
+    """A store that hands out each state's keys in a different order on every read (as the disk store's safetensors
+    files do): a checkpoint must not depend on that order."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def get(self, cid):
+        s = super().get(cid)
+        self.reads += 1
+        if s is None:
+            return None
+        keys = list(s)
+        keys = keys[self.reads % max(1, len(keys)):] + keys[: self.reads % max(1, len(keys))]
+        return {k: s[k] for k in reversed(keys)} if self.reads % 2 else {k: s[k] for k in keys}
+
+
+def test_checkpoint_file_round_trip_all_dtypes_empty_states_and_reordered_keys(tmp_path):
+    server = {"w": torch.randn(3, 4), "step": torch.tensor(7), "bf": torch.randn(5).bfloat16(), "mask": torch.tensor([True, False]),
+              "empty": torch.zeros(0), "t": torch.randn(4, 3).t(), "i8": torch.arange(-3, 3, dtype=torch.int8)}
+    store = _ReorderingStore()
+    store.put(0, {})
+    for cid in (1, 4, 9):
+        store.put(cid, {f"k{j}": torch.full((j + 1,), float(cid * 10 + j)) for j in range(5)})
+    store.put(12, {})
+    path = save_checkpoint(tmp_path, 5, server, store.items, {"records": [{"round": 5, "acc": 0.25}], "totals": {}})
+    assert path.name == "round-000005.safetensors"
+    ck = load_checkpoint(tmp_path)
+    assert ck.round == 5 and ck.info["records"] == [{"round": 5, "acc": 0.25}]
+    _assert_same_state(server, ck.server, "server")
+    got = dict(ck.client_states())
+    assert sorted(got) == [0, 1, 4, 9, 12] and got[0] == {} and got[12] == {}
+    for cid in (1, 4, 9):
+        _assert_same_state(MemoryStore.get(store, cid), got[cid], f"client {cid}")

@@ -153,6 +153,33 @@ def _entries(server: Mapping[str, Any], clients: Iterable[tuple[int, Mapping[str
         yield "rng", None, k, _as_tensor("rng", None, k, v)
 
 
+def _in_order(index: list[list], server: Mapping[str, Any], clients: Iterable[tuple[int, Mapping[str, Any]]],
+              rng_tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, int | None, str, torch.Tensor]]:
+    """The tensors named by ``index`` (group, cid, key), in its order, reading each client's state once."""
+    groups = {"server": server, "rng": rng_tensors}
+    it = iter(clients)
+    cid_now, state = None, None
+    for group, cid, key in index:
+        if group == "client":
+            if cid != cid_now:
+                for got, state in it:  # clients with an empty state have no entries in the index
+                    if int(got) == cid or state:
+                        break
+                else:
+                    got = None
+                if got is None or int(got) != cid:
+                    raise CheckpointError("the set of clients changed while the checkpoint was being written; "
+                                          "this is a bug in the state store.")
+                cid_now = cid
+            src = state
+        else:
+            src = groups[group]
+        if key not in src:
+            raise CheckpointError(f"{group} state entry '{key}' disappeared while the checkpoint was being written; "
+                                  f"this is a bug in the state store.")
+        yield group, cid, key, _as_tensor(group, cid, key, src[key])
+
+
 def save_checkpoint(run_dir: str | os.PathLike, rnd: int, server: Mapping[str, torch.Tensor],
                     clients: Callable[[], Iterable[tuple[int, Mapping[str, torch.Tensor]]]], info: dict[str, Any], final: bool = False) -> Path:
     """Write the checkpoint of round ``rnd`` atomically and make it the current one; return its path.
@@ -195,7 +222,13 @@ def save_checkpoint(run_dir: str | os.PathLike, rnd: int, server: Mapping[str, t
             written = 0
             half = offset // 2
             died = False
-            for group, cid, key, t in _entries(server, clients(), rng_tensors):
+            # pass 2 writes in pass 1's order, looked up by name: a store may hand out a state's keys in a different
+            # order each time it is read (safetensors does), so the order is never taken from the second reading
+            for i, (group, cid, key, t) in enumerate(_in_order(index, server, clients(), rng_tensors)):
+                spec = header[f"t{i}"]
+                if _DTYPES[t.dtype] != spec["dtype"] or list(t.shape) != spec["shape"]:
+                    raise CheckpointError(f"{group} state entry '{key}' changed while the checkpoint was being written; "
+                                          f"this is a bug in the state store.")
                 b = _tensor_bytes(t)
                 write(b)
                 written += len(b)
