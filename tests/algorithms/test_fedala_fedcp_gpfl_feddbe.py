@@ -221,10 +221,11 @@ def test_gpfl_losses_and_weight_decay_act_and_the_head_stays_local():
     assert set(upd.state) == {"head.weight", "head.bias"}
     assert set(upd.upload) == set(server) and not any(k.startswith("head.") for k in upd.upload)
     assert not torch.equal(upd.upload["gce/embedding"], msg["gce/embedding"])
-    # the magnitude-level term changes training
-    sim0 = simulation("gpfl", {"lam": 0.0})
-    upd0 = sim0.algo.local_update(runtime(sim0, 0, 1), msg, algo.init_client(rt))
-    assert not torch.allclose(upd0.upload["cov/gamma.fc.weight"], upd.upload["cov/gamma.fc.weight"])
+    # the magnitude-level term and the weight decay change training
+    for params in ({"lam": 0.0}, {"mu": 0.0}):
+        sim0 = simulation("gpfl", params)
+        upd0 = sim0.algo.local_update(runtime(sim0, 0, 1), msg, algo.init_client(rt))
+        assert not torch.allclose(upd0.upload["cov/gamma.fc.weight"], upd.upload["cov/gamma.fc.weight"])
 
 
 # ------------------------------------------------------------------------------------------------ FedDBE
@@ -266,6 +267,10 @@ def test_dbe_bias_never_leaves_the_client_and_warm_up_sets_the_global_mean():
     upd2 = algo.local_update(runtime(sim, 0, 2), msg, upd.state)
     assert feddbe.MEAN not in upd2.upload and upd2.state[feddbe.BIAS].abs().sum() > 0
     assert torch.equal(algo.aggregate(agg, [upd2], 2)[feddbe.GLOBAL_MEAN], agg[feddbe.GLOBAL_MEAN])  # sent once, kept
+    # the mean regulariser acts on training: without it (kappa = 0) the same round ends elsewhere
+    sim0 = simulation("feddbe", {"kappa": 0.0})
+    upd0 = sim0.algo.local_update(runtime(sim0, 0, 2), msg, upd.state)
+    assert not torch.allclose(upd0.upload["features.1.weight"], upd2.upload["features.1.weight"])
 
 
 # --------------------------------------------------------------------------------------- end to end, input
