@@ -230,7 +230,7 @@ def test_resume_of_a_folder_that_is_not_a_run(tmp_path, capsys):
     assert "no config.yaml" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing"])
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest", "missing", "metadata"])
 def test_damaged_checkpoint_is_refused_with_one_sentence(tmp_path, capsys, damage):
     run = _small_run(tmp_path)
     (run / "run.json").write_text(json.dumps({"status": "interrupted"}))
@@ -243,13 +243,18 @@ def test_damaged_checkpoint_is_refused_with_one_sentence(tmp_path, capsys, damag
         ck.write_bytes(data[:-10] + bytes([data[-10] ^ 1]) + data[-9:])
     elif damage == "manifest":
         (run / "checkpoints" / "latest.json").write_text('{"format": "fedforge-checkpoint/1", "file": "../../x"')
-    else:
+    elif damage == "missing":
         ck.unlink()
+    else:  # a well-formed file whose JSON part is not what a run writes
+        from fedforge.core.checkpoint import save_checkpoint
+
+        save_checkpoint(run, 1, {}, lambda: [], {"records": "not a list"})
     rc = cli_main(["run", "--resume", str(run), "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
-    assert {"truncate": "truncated", "flip": "SHA-256", "manifest": "unreadable", "missing": "missing"}[damage] in err
+    assert {"truncate": "truncated", "flip": "SHA-256", "manifest": "unreadable", "missing": "missing",
+            "metadata": "malformed metadata"}[damage] in err
     assert "to restart the run from round 0" in err
 
 

@@ -174,6 +174,7 @@ class Simulation:
                 if ident is not None and ident != _jsonable(self.cfg.identity()):
                     raise CheckpointError(f"the checkpoint in {resume} was written by a run with another configuration; "
                                           f"delete {Path(resume) / CHECKPOINT_DIR} to restart this run from round 0.")
+                self._restored = _restored_fields(self.checkpoint, self.cfg.rounds) if self.checkpoint is not None else {}
             except BaseException:
                 self._lock.release()
                 raise
@@ -309,11 +310,8 @@ class Simulation:
             return _Progress(0, server, store)
         for cid, state in ck.client_states():
             store.put(cid, state)
-        info = ck.info
         restore_rng(ck.rng.get("meta", {}), ck.rng.get("tensors", {}))
-        prog = _Progress(ck.round, dict(ck.server), store, list(info.get("records", [])), dict(info["totals"]),
-                         float(info.get("train_seconds", 0.0)), list(info.get("failures", [])),
-                         dict(info.get("round_info") or _Progress(0, {}, store).round_info), bool(info.get("finetuned")))
+        prog = _Progress(ck.round, dict(ck.server), store, **self._restored)
         log.info("resuming from the checkpoint of round %d of %d", ck.round, self.cfg.rounds)
         return prog
 
@@ -622,6 +620,25 @@ class Simulation:
 
 
 FAILURES_FILE = "failures.jsonl"
+
+
+def _restored_fields(ck: Checkpoint, rounds: int) -> dict[str, Any]:
+    """The JSON part of a checkpoint as _Progress fields, checked (a hand-edited or foreign file is refused)."""
+    info = ck.info
+    fix = f"delete {ck.path.parent if ck.path else CHECKPOINT_DIR} to restart the run from round 0"
+    try:
+        out = {"records": list(info.get("records", [])), "totals": dict(info["totals"]),
+               "train_seconds": float(info.get("train_seconds", 0.0)), "failures": list(info.get("failures", [])),
+               "round_info": dict(info.get("round_info") or _Progress(0, {}, MemoryStore()).round_info),
+               "finetuned": bool(info.get("finetuned"))}
+        if not all(isinstance(r, dict) for r in out["records"]) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in out["totals"].values()):
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"checkpoint {ck.path} has malformed metadata; {fix}.") from None
+    if not 0 <= ck.round <= rounds:
+        raise CheckpointError(f"checkpoint {ck.path} is of round {ck.round}, outside this run's 0..{rounds}; {fix}.")
+    return out
 
 
 class _RunLock:
