@@ -14,6 +14,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 import fedforge
 
 PFLLIB_CURVE = [0.220, 0.356, 0.594, 0.660, 0.692]
@@ -57,8 +59,10 @@ def main() -> int:
                      + f" | {mean[i]:.3f} | {local_curve[i]:.3f} |")
     lines += ["", f"Mean over seeds after round {a.rounds}: **{mean[-1]:.3f}** (PFLlib: 0.692; acceptance band ±0.08). "
               f"Local after round {a.rounds}: **{local_curve[-1]:.3f}** (acceptance: ≥ 0.95).", "",
-              "Seconds per round (training + evaluation, this machine, 2 cores, sequential): "
-              + ", ".join(f"seed {s}: {times[s][1]:.1f}" for s in a.seeds) + "."]
+              f"Seconds per round (training + evaluation, sequential executor, {torch.get_num_threads()} torch thread(s), "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores at the end): "
+              + ", ".join(f"seed {s}: {times[s][1]:.1f}" for s in a.seeds)
+              + ". These are not speed measurements (see docs/performance.md for those)."]
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
