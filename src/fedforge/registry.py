@@ -27,10 +27,20 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """A named collection: ``@REG.register("name")`` adds, ``REG.get("name")`` looks up with suggestions."""
 
-    def __init__(self, kind: str, hint: str = ""):
+    def __init__(self, kind: str, hint: str = "", populate: str | None = None):
         self.kind = kind
         self.hint = hint  # e.g. "see `fedforge list algorithms`"
         self._entries: dict[str, Entry[T]] = {}
+        # a module whose import registers the entries (imported on first use, so that a lower layer can own the
+        # registry without importing the layer that fills it)
+        self._populate = populate
+
+    def _load(self) -> None:
+        if self._populate is not None:
+            mod, self._populate = self._populate, None
+            import importlib
+
+            importlib.import_module(mod)
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
         def deco(obj: T) -> T:
@@ -48,6 +58,7 @@ class Registry(Generic[T]):
         return self.entry(name).obj
 
     def entry(self, name: str) -> Entry[T]:
+        self._load()
         try:
             return self._entries[name]
         except KeyError:
@@ -57,9 +68,11 @@ class Registry(Generic[T]):
             ) from None
 
     def __contains__(self, name: object) -> bool:
+        self._load()
         return name in self._entries
 
     def names(self, pattern: str | None = None) -> list[str]:
+        self._load()
         names = sorted(self._entries)
         if pattern:
             names = [n for n in names if fnmatch.fnmatch(n, pattern)]

@@ -23,7 +23,8 @@ from .training import EvalCounts
 if TYPE_CHECKING:
     from .runtime import ClientRuntime
 
-ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm", "see `fedforge list algorithms`")
+ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm", "see `fedforge list algorithms`",
+                                                    populate="fedforge.algorithms")
 
 
 @dataclass
