@@ -377,6 +377,38 @@ def schedule_balance(workers: int = 2) -> None:
           f"look-ahead stream {look:.3f}, sorted list {full:.3f}")
 
 
+def heap_growth(trim: bool, clients: int = 500, cohort: int = 50, rounds: int = 30) -> None:
+    """RSS growth of the engine's allocation pattern with client states kept in memory (no training): each round
+    the cohort's states are replaced and uploads and evaluation copies come and go, as in a Ditto run."""
+    import psutil
+
+    from fedforge.core.executors import release_memory
+    from fedforge.models import create_model
+
+    base = {k: v.detach() for k, v in create_model("cnn", (3, 32, 32), 100, seed=0).state_dict().items()}
+    proc = psutil.Process()
+    r0 = proc.memory_info().rss
+    store: dict[int, dict] = {}
+    peak = 0
+    for rnd in range(rounds):
+        chosen = [(rnd * cohort + i * 7) % clients for i in range(cohort)]
+        ups = [({k: v.clone() for k, v in base.items()}, {k: v.clone() for k, v in base.items()}) for _ in chosen]
+        for c, (_, st) in zip(chosen, ups):
+            store[c] = st
+        avg = {k: sum(u[k] for u, _ in ups) / len(ups) for k in base}
+        del ups, avg
+        for c in range(clients):  # evaluation: a copy of each client's (or the initial) state comes and goes
+            s = store.get(c) or {k: v.clone() for k, v in base.items()}
+            tmp = {k: v.clone() for k, v in s.items()}
+            del tmp, s
+        if trim:
+            release_memory()
+        peak = max(peak, proc.memory_info().rss)
+    live = sum(t.numel() * t.element_size() for s in store.values() for t in s.values())
+    print(f"trim after each round: {trim}; {len(store)} clients hold {live / 2**30:.2f} GiB of state; "
+          f"RSS grew by {(peak - r0) / 2**30:.2f} GiB (peak)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -388,10 +420,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("list", help="list the cases")
     sub.add_parser("report", help="print markdown tables of the finished cases")
     sub.add_parser("schedule", help="how evenly the process/ray schedule splits the pfllib-mnist round (no training)")
+    sub.add_parser("heap", help="RSS growth of 500 clients' states in memory, with and without trimming the heap")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for k in (*SPECIAL, *CASES):
             print(k)
+        return 0
+    if args.cmd == "heap":
+        for trim in (False, True):
+            subprocess.call([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                             f"import speed; speed.heap_growth({trim})"])
         return 0
     if args.cmd == "schedule":
         schedule_balance()

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .executors import EXECUTORS, Executor, SequentialExecutor, task_threads, torch_threads
+from .executors import EXECUTORS, Executor, SequentialExecutor, release_memory, task_threads, torch_threads
 from .runtime import ClientRuntime, Task, WorkerSpec, task_seed
 from .training import TrainStats
 
@@ -88,6 +88,12 @@ class VectorizedExecutor(Executor):
 
     # ---------------------------------------------------------------------------------------- running
     def imap(self, tasks: Iterable[Task]) -> Iterator[Any]:
+        try:
+            yield from self._imap(tasks)
+        finally:
+            release_memory()
+
+    def _imap(self, tasks: Iterable[Task]) -> Iterator[Any]:
         buf: list[Task] = []
         for t in tasks:
             if t.kind == "train":

@@ -13,7 +13,8 @@ import logging
 import os
 from typing import Any, Iterable, Iterator
 
-from ..core.executors import EXECUTORS, Executor, Schedule, describe_error, raise_remote, task_threads, usable_cores
+from ..core.executors import (EXECUTORS, Executor, Schedule, describe_error, raise_remote, release_memory, task_threads,
+                              usable_cores)
 from ..core.runtime import Task, WorkerSpec
 from ..errors import ConfigError
 
@@ -57,6 +58,8 @@ class _RayWorker:
             return ("ok", self.worker.run(task))
         except BaseException as e:
             return ("error", *describe_error(e))
+        finally:
+            release_memory()
 
 
 @EXECUTORS.register("ray", summary="the same tasks on a Ray cluster (local by default, or ray_address); extra fedforge[ray]")
@@ -140,6 +143,7 @@ class RayExecutor(Executor):
                     ray.wait(list(inflight), num_returns=len(inflight))
                 except Exception:
                     pass
+            release_memory()
 
     def close(self) -> None:
         try:
