@@ -323,7 +323,7 @@ def run_case(name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- report
 def mb(x: float | None) -> str:
-    return "-" if x is None else f"{x / 2**20:,.0f}"
+    return "-" if x is None else f"{x / 1e6:,.0f}"
 
 
 def fmt(x, spec=".2f") -> str:
@@ -333,14 +333,16 @@ def fmt(x, spec=".2f") -> str:
 def report() -> str:
     rows = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
     out = []
-    if "peak" in rows:
-        p = rows["peak"]
-        out.append(f"Matmul peak (4096², all cores): fp32 {p['peak_fp32'] / 1e9:.0f} GFLOP/s, "
-                   f"bf16 {p['peak_bf16'] / 1e9:.0f} GFLOP/s (measured {p['when']}).\n")
-    out.append("| case | algorithm | executor | precision | s/round (train) | s/round (+eval) | samples/s | bare loop s | round / bare | round / FLOP bound | acc (last) | RSS after import MB | peak RSS main MB | peak RSS tree MB | peak PSS tree MB |")
+    for key in ("peak", "peak@1core"):
+        if key in rows:
+            p = rows[key]
+            where = "one core" if key.endswith("1core") else "all cores"
+            out.append(f"Matmul peak (4096², {where}): fp32 {p['peak_fp32'] / 1e9:.0f} GFLOP/s, "
+                       f"bf16 {p['peak_bf16'] / 1e9:.0f} GFLOP/s (measured {p['when']}, load {p['load_before']:.2f}).\n")
+    out.append("| case | algorithm | executor | precision | s/round (train) | s/round (+eval) | samples/s | bare loop s | round / bare | round / FLOP bound | acc (last) % | RSS after import MB | peak RSS main MB | peak RSS tree MB | peak PSS tree MB |")
     out.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in rows.items():
-        if name == "peak":
+        if name.startswith("peak"):
             continue
         c = r["config"]
         acc = r.get("global_acc") if r.get("global_acc") is not None else r.get("personalized_acc")
