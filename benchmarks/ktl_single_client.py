@@ -12,7 +12,7 @@ Usage (resumable: finished run directories are kept, unfinished ones are run aga
 every run from all finished runs):
 
     scripts/cpu-slot .venv/bin/python benchmarks/ktl_single_client.py --data-root /work/shared/data \\
-        --shots 23,9,2 --seeds 0,1,2 --methods client,ktl --out-dir bench-runs/ktl-single \\
+        --shots 23,9,2 --seeds 0,1,2 --methods client,ktl --rounds 100 --eval-every 20 --out-dir bench-runs/ktl-single \\
         --table docs/benchmarks/fedktl-single-client.md --commit
 """
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--class-subset", default="50-99")
     p.add_argument("--generator", default=None, help="generator spec (default: the shipped builtin)")
     p.add_argument("--rounds", type=int, default=100)
-    p.add_argument("--eval-every", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--lr", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--out-dir", default="bench-runs/ktl-single")
