@@ -46,6 +46,13 @@ def test_process_pool_is_bit_identical(baseline, workers):
     assert_identical(baseline, run(executor="process", workers=workers))
 
 
+def test_fork_server_pool_is_bit_identical(baseline):
+    """The start method of GPU runs (and of platforms without fork): dataset through shared memory."""
+    cfg = fedforge.build_config(overrides=COMMON)
+    res = Simulation(cfg, run_dir=False, progress=False, executor=ProcessExecutor(workers=2, start_method="forkserver")).run()
+    assert_identical(baseline, res)
+
+
 def test_results_do_not_depend_on_the_main_thread_count(baseline):
     """Client work runs with a fixed torch thread count, whatever the caller's setting."""
     old = torch.get_num_threads()
