@@ -422,6 +422,34 @@ def heap_growth(trim: bool, clients: int = 500, cohort: int = 50, rounds: int = 
           f"RSS grew by {(peak - r0) / 2**30:.2f} GiB (peak)")
 
 
+def pool_memory(start_method: str | None, clients: int = 6) -> None:
+    """Per-process memory (RSS, USS, PSS) of a 2-worker process pool on pfllib-mnist after a few clients' training
+    and an evaluation of all clients (a short run; no timing)."""
+    import psutil
+
+    import fedforge.algorithms  # noqa: F401
+    from fedforge.config import build_config
+    from fedforge.core.executors import ProcessExecutor
+    from fedforge.core.runtime import Task, WorkerSpec
+    from fedforge.core.simulation import Simulation
+
+    sim = Simulation(build_config(overrides=dict(MNIST, rounds=0)), run_dir=False, progress=False)
+    ex = ProcessExecutor(workers=2, start_method=start_method)
+    ex.start(WorkerSpec(sim.ds, sim.partition, sim.algo))
+    server = sim.algo.init_server()
+    ex.map([Task("train", c, 1, server, None) for c in range(clients)])
+    ex.map([Task("eval", c, 1, server, None) for c in range(sim.ctx.num_clients)])
+    me = psutil.Process()
+    total = 0
+    for p in [me] + me.children(recursive=True):
+        m = p.memory_full_info()
+        total += m.pss
+        role = "main" if p.pid == me.pid else " ".join(p.cmdline())[-40:]
+        print(f"  {p.pid:>7} {role:<40} RSS {m.rss / 1e6:6.0f} MB  USS {m.uss / 1e6:6.0f} MB  PSS {m.pss / 1e6:6.0f} MB")
+    print(f"start method {start_method or 'default'}: summed PSS {total / 1e6:.0f} MB")
+    ex.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -434,10 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("report", help="print markdown tables of the finished cases")
     sub.add_parser("schedule", help="how evenly the process/ray schedule splits the pfllib-mnist round (no training)")
     sub.add_parser("heap", help="RSS growth of 500 clients' states in memory, with and without trimming the heap")
+    sub.add_parser("pool-memory", help="per-process memory of a 2-worker pool on pfllib-mnist (fork vs fork server)")
     args = ap.parse_args(argv)
     if args.cmd == "list":
         for k in (*SPECIAL, *CASES):
             print(k)
+        return 0
+    if args.cmd == "pool-memory":
+        for method in ("fork", "forkserver"):
+            subprocess.call([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+                             f"import speed; speed.pool_memory({method!r})"])
         return 0
     if args.cmd == "heap":
         for trim in (False, True):

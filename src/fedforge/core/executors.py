@@ -301,14 +301,15 @@ def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerS
 @EXECUTORS.register("process", summary="a local pool of worker processes (one per core, one torch thread each) sharing the data")
 class ProcessExecutor(Executor):
     """A pool of ``workers`` local processes (default: one per usable core), each with ``threads`` torch threads
-    (default 1), each holding one Worker built once from the spec. The pooled dataset is placed in shared memory
-    once and read by every worker in place; per task only the message and the client's state travel.
+    (default 1), each holding one Worker built once from the spec. Every worker reads the pooled dataset in place
+    (never a copy per worker); per task only the message and the client's state travel.
 
     Tasks go to whichever worker is free, longest first (by sample count), and results come back in task order.
 
     ``start_method``: on a CPU run workers are forked from the main process (where the platform can fork): they
     start at once and share, copy-on-write, everything the main process holds — torch's code, the pooled dataset —
-    so the pool adds only what each worker writes (about 35 MB each on the MNIST CNN). Each forked worker sets its
+    so the pool adds only what each worker writes (28 MB each on pfllib-mnist, `benchmarks/speed.py pool-memory`:
+    summed PSS of the pool 521 MB with fork, 863 MB with the fork server). Each forked worker sets its
     own torch thread count before any work, as PyTorch's DataLoader workers do. GPU runs (CUDA cannot be forked)
     and platforms without fork start workers through a fork server that imported torch once, and send them the
     dataset once through shared memory.
