@@ -331,8 +331,8 @@ def fmt(x, spec=".2f") -> str:
     return "-" if x is None else format(x, spec)
 
 
-def report() -> str:
-    rows = {p.stem: json.loads(p.read_text()) for p in sorted(OUT.glob("*.json"))}
+def report(folder: Path | None = None) -> str:
+    rows = {p.stem: json.loads(p.read_text()) for p in sorted((folder or OUT).glob("*.json"))}
     out = []
     for key in ("peak", "peak@1core"):
         if key in rows:
@@ -460,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     one = sub.add_parser("one", help="run one case in this process and write its JSON (used by `run`)")
     one.add_argument("case")
     sub.add_parser("list", help="list the cases")
-    sub.add_parser("report", help="print markdown tables of the finished cases")
+    rep = sub.add_parser("report", help="print markdown tables of the finished cases")
+    rep.add_argument("--dir", type=Path, help="folder of case JSON files (default: benchmarks/results/speed)")
     sub.add_parser("schedule", help="how evenly the process/ray schedule splits the pfllib-mnist round (no training)")
     sub.add_parser("heap", help="RSS growth of 500 clients' states in memory, with and without trimming the heap")
     sub.add_parser("pool-memory", help="per-process memory of a 2-worker pool on pfllib-mnist (fork vs fork server)")
@@ -483,7 +484,7 @@ def main(argv: list[str] | None = None) -> int:
         schedule_balance()
         return 0
     if args.cmd == "report":
-        print(report())
+        print(report(args.dir))
         return 0
     if args.cmd == "one":
         res = run_case(args.case)
