@@ -170,3 +170,14 @@ def test_run_with_explicit_state_dir(tmp_path):
                        state_store="disk", state_dir=str(tmp_path / "states"))
     assert len(list((tmp_path / "states").glob("client-*.safetensors"))) == 4
     assert res.store.cids() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kind", ["memory", "disk"])
+def test_state_keeps_its_key_order(kind, tmp_path):
+    store = open_store(kind, tmp_path / "s" if kind == "disk" else None)
+    names = ["z/weight", "a/bias", "m", "b.0.weight", "a/weight"]  # not sorted: safetensors itself sorts by name
+    store.put(0, {k: torch.full((2,), float(i)) for i, k in enumerate(names)})
+    got = store.get(0)
+    assert list(got) == names
+    assert [float(v[0]) for v in got.values()] == [0.0, 1.0, 2.0, 3.0, 4.0]
+    store.close()

@@ -157,7 +157,9 @@ class DiskStore(StateStore):
             if v.numel() and key in seen:
                 tensors[k] = v.clone()
             seen.add(key)
-        data = save(tensors, metadata={"format": _FORMAT, "cid": str(int(cid)), "sha256": state_digest(tensors)})
+        # safetensors sorts entries by name; the key order is kept in the metadata so get() returns the state as put
+        data = save(tensors, metadata={"format": _FORMAT, "cid": str(int(cid)), "sha256": state_digest(tensors),
+                                       "order": json.dumps(list(tensors))})
         target = self.file(cid)
         tmp = target.with_name(target.name + f".tmp{os.getpid()}")
         with open(tmp, "wb") as f:
@@ -188,6 +190,12 @@ class DiskStore(StateStore):
             raise DataError(f"{path} holds the state of client {meta.get('cid')}, not of client {cid}; {fix}.")
         if state_digest(state) != meta["sha256"]:
             raise DataError(f"client {cid}'s state file {path} fails its checksum (the file was modified or damaged); {fix}.")
+        try:
+            order = json.loads(meta.get("order", "[]"))
+        except ValueError:
+            order = []
+        if isinstance(order, list) and sorted(map(str, order)) == sorted(state):
+            state = {k: state[k] for k in order}
         return state
 
     def cids(self) -> list[int]:
