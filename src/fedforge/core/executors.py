@@ -15,7 +15,7 @@ import os
 import pickle
 import traceback
 from abc import ABC
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import ConfigError, FedforgeError
 from ..registry import Registry
@@ -36,6 +36,17 @@ def usable_cores() -> int:
 def task_threads(threads: int) -> int:
     """Torch intra-op threads for client work: ``threads``, or 1 when 0 (automatic)."""
     return int(threads) if threads and threads > 0 else 1
+
+
+def worker_threads(threads: int) -> None:
+    """Set a pool worker's torch threads: ``threads`` intra-op, one inter-op (where torch still allows it)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
 
 
 @contextlib.contextmanager
@@ -100,6 +111,44 @@ def schedule(spec: WorkerSpec, tasks: Iterable[Task], workers: int) -> Iterator[
     sched = Schedule(spec, tasks, workers)
     while (item := sched.next(sched.pulled)) is not None:
         yield item
+
+
+def dispatch(sched: Schedule, workers: int, submit: Callable[[int, tuple[int, Task]], Any],
+             wait_any: Callable[[list], Iterable[Any]], collect: Callable[[Any, int, Task], Any],
+             drain: Callable[[list], None]) -> Iterator[Any]:
+    """The task loop of a pool of ``workers`` workers (process, ray): give each free worker the next task of
+    ``sched``, wait for any to finish, and yield the results in task order.
+
+    ``submit(w, (index, task))`` hands a task to worker ``w`` and returns a key for it; ``wait_any(keys)`` waits
+    until at least one of them is done and returns those that are; ``collect(key, w, task)`` returns that task's
+    result (or raises); ``drain(keys)`` waits, ignoring errors, for what is still in flight when the loop ends
+    early, so that the next call starts clean.
+    """
+    free = list(range(workers))
+    inflight: dict[Any, tuple[int, int, Task]] = {}  # key -> (worker, index, task)
+    done: dict[int, Any] = {}
+    nxt = 0
+    try:
+        while True:
+            while free:
+                item = sched.next(nxt)
+                if item is None:
+                    break
+                w = free.pop(0)
+                inflight[submit(w, item)] = (w, *item)
+            if not inflight:
+                break
+            for key in wait_any(list(inflight)):
+                w, idx, task = inflight.pop(key)
+                free.append(w)
+                done[idx] = collect(key, w, task)
+            while nxt in done:
+                yield done.pop(nxt)
+                nxt += 1
+    finally:
+        if inflight:
+            drain(list(inflight))
+        release_memory()
 
 
 _TRIM: Any = None
@@ -260,8 +309,6 @@ def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerS
     """
     import signal
 
-    import torch
-
     for c in inherited:
         c.close()
 
@@ -270,11 +317,7 @@ def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerS
     # worker also drops any SIGTERM handler it inherited, so that closing the pool can always terminate it
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    torch.set_num_threads(threads)
-    try:
-        torch.set_num_interop_threads(1)
-    except RuntimeError:
-        pass
+    worker_threads(threads)
     try:
         worker = Worker(spec if spec is not None else rebuild_spec(pickle.loads(light), x, y))
     except BaseException as e:  # report start-up failures instead of dying silently
@@ -383,43 +426,31 @@ class ProcessExecutor(Executor):
 
         if not self._conns:
             raise RuntimeError("the process executor was not started (call start(spec) first)")
-        sched = Schedule(self.spec, tasks, len(self._conns))
-        free = list(range(len(self._conns)))
-        inflight: dict[int, tuple[int, Task]] = {}
-        done: dict[int, Any] = {}
-        nxt = 0
-        try:
-            while True:
-                while free:
-                    item = sched.next(nxt)
-                    if item is None:
-                        break
-                    w = free.pop(0)
-                    self._conns[w].send_bytes(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
-                    inflight[w] = item
-                if not inflight:
-                    break
-                by_conn = {self._conns[w]: w for w in inflight}
-                for c in wait(list(by_conn)):
-                    w = by_conn[c]
-                    idx, task = inflight[w]
-                    msg = self._recv(w, f"running client {task.cid}'s {task.kind} task")
-                    del inflight[w]
-                    free.append(w)
-                    if msg[0] == "error":
-                        raise_remote(msg[2], msg[3], f"client {task.cid}'s {task.kind} task (round {task.round}) in process worker {w}")
-                    done[msg[1]] = msg[2]
-                while nxt in done:
-                    yield done.pop(nxt)
-                    nxt += 1
-        finally:
-            for w in list(inflight):  # collect what is still running so that the next call starts clean
+
+        def submit(w: int, item: tuple[int, Task]) -> int:
+            self._conns[w].send_bytes(pickle.dumps(item, protocol=pickle.HIGHEST_PROTOCOL))
+            return w
+
+        def wait_any(busy: list[int]) -> list[int]:
+            by_conn = {self._conns[w]: w for w in busy}
+            return [by_conn[c] for c in wait(list(by_conn))]
+
+        def collect(w: int, _w: int, task: Task) -> Any:
+            msg = self._recv(w, f"running client {task.cid}'s {task.kind} task")
+            if msg[0] == "error":
+                raise_remote(msg[2], msg[3], f"client {task.cid}'s {task.kind} task (round {task.round}) in process worker {w}")
+            return msg[2]
+
+        def drain(busy: list[int]) -> None:
+            for w in busy:
                 try:
                     if w < len(self._conns):
                         self._recv(w, "finishing")
                 except Exception:
                     pass
-            release_memory()
+
+        yield from dispatch(Schedule(self.spec, tasks, len(self._conns)), len(self._conns), submit, wait_any, collect,
+                            drain)
 
     def close(self) -> None:
         for c in self._conns:

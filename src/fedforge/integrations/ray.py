@@ -13,8 +13,8 @@ import logging
 import os
 from typing import Any, Iterable, Iterator
 
-from ..core.executors import (EXECUTORS, Executor, Schedule, describe_error, raise_remote, release_memory, task_threads,
-                              usable_cores)
+from ..core.executors import (EXECUTORS, Executor, Schedule, describe_error, dispatch, raise_remote, release_memory,
+                              task_threads, usable_cores, worker_threads)
 from ..core.runtime import Task, WorkerSpec
 from ..errors import ConfigError
 
@@ -37,15 +37,9 @@ class _RayWorker:
     def __init__(self, spec: WorkerSpec, threads: int):
         import warnings
 
-        import torch
-
         from ..core.runtime import Worker
 
-        torch.set_num_threads(threads)
-        try:
-            torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass
+        worker_threads(threads)
         with warnings.catch_warnings():  # the object store hands out read-only arrays; they are only read
             warnings.filterwarnings("ignore", message=".*not writable.*")
             self.worker = Worker(spec)
@@ -107,43 +101,31 @@ class RayExecutor(Executor):
         ray = import_ray()
         if not self.actors:
             raise RuntimeError("the ray executor was not started (call start(spec) first)")
-        sched = Schedule(self.spec, tasks, len(self.actors))
-        free = list(range(len(self.actors)))
-        inflight: dict[Any, tuple[int, int, Task]] = {}  # object ref -> (actor, index, task)
-        done: dict[int, Any] = {}
-        nxt = 0
-        try:
-            while True:
-                while free:
-                    item = sched.next(nxt)
-                    if item is None:
-                        break
-                    a = free.pop(0)
-                    inflight[self.actors[a].run.remote(item[1])] = (a, *item)
-                if not inflight:
-                    break
-                ready, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in ready:
-                    a, idx, task = inflight.pop(ref)
-                    free.append(a)
-                    try:
-                        msg = ray.get(ref)
-                    except Exception as e:  # the actor died (killed, out of memory, node lost)
-                        raise RuntimeError(f"ray worker {a} died while running client {task.cid}'s {task.kind} task "
-                                           f"({type(e).__name__}); if it ran out of memory, use fewer workers.") from None
-                    if msg[0] == "error":
-                        raise_remote(msg[1], msg[2], f"client {task.cid}'s {task.kind} task (round {task.round}) on ray worker {a}")
-                    done[idx] = msg[1]
-                while nxt in done:
-                    yield done.pop(nxt)
-                    nxt += 1
-        finally:
-            if inflight:
-                try:
-                    ray.wait(list(inflight), num_returns=len(inflight))
-                except Exception:
-                    pass
-            release_memory()
+
+        def submit(a: int, item: tuple[int, Task]) -> Any:
+            return self.actors[a].run.remote(item[1])  # an object ref
+
+        def wait_any(refs: list) -> list:
+            return ray.wait(refs, num_returns=1)[0]
+
+        def collect(ref: Any, a: int, task: Task) -> Any:
+            try:
+                msg = ray.get(ref)
+            except Exception as e:  # the actor died (killed, out of memory, node lost)
+                raise RuntimeError(f"ray worker {a} died while running client {task.cid}'s {task.kind} task "
+                                   f"({type(e).__name__}); if it ran out of memory, use fewer workers.") from None
+            if msg[0] == "error":
+                raise_remote(msg[1], msg[2], f"client {task.cid}'s {task.kind} task (round {task.round}) on ray worker {a}")
+            return msg[1]
+
+        def drain(refs: list) -> None:
+            try:
+                ray.wait(refs, num_returns=len(refs))
+            except Exception:
+                pass
+
+        yield from dispatch(Schedule(self.spec, tasks, len(self.actors)), len(self.actors), submit, wait_any, collect,
+                            drain)
 
     def close(self) -> None:
         try:
