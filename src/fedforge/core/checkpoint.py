@@ -21,7 +21,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 import torch
 
+from .._io import atomic_open, atomic_write_text
 from ..errors import FedforgeError
 from .faults import test_point
 
@@ -210,47 +210,36 @@ def save_checkpoint(run_dir: str | os.PathLike, rnd: int, server: Mapping[str, t
     name = f"round-{int(rnd):06d}{'-final' if final else ''}.safetensors"
     path = folder / name
     digest = hashlib.sha256()
-    fd, tmp = tempfile.mkstemp(prefix="." + name + ".", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            def write(b: bytes | memoryview) -> None:
-                digest.update(b)
-                f.write(b)
+    with atomic_open(path) as f:
+        def write(b: bytes | memoryview) -> None:
+            digest.update(b)
+            f.write(b)
 
-            write(len(head).to_bytes(8, "little"))
-            write(head)
-            written = 0
-            half = offset // 2
-            died = False
-            # pass 2 writes in pass 1's order, looked up by name: a store may hand out a state's keys in a different
-            # order each time it is read (safetensors does), so the order is never taken from the second reading
-            for i, (group, cid, key, t) in enumerate(_in_order(index, server, clients(), rng_tensors)):
-                spec = header[f"t{i}"]
-                if _DTYPES[t.dtype] != spec["dtype"] or list(t.shape) != spec["shape"]:
-                    raise CheckpointError(f"{group} state entry '{key}' changed while the checkpoint was being written; "
-                                          f"this is a bug in the state store.")
-                b = _tensor_bytes(t)
-                write(b)
-                written += len(b)
-                if not died and written >= half:
-                    died = True
-                    f.flush()
-                    test_point("checkpoint-write")  # tests: die half-way through the data
-            if written != offset:
-                raise CheckpointError("a client state changed while its checkpoint was being written; "
-                                      "this is a bug in the state store.")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        write(len(head).to_bytes(8, "little"))
+        write(head)
+        written = 0
+        half = offset // 2
+        died = False
+        # pass 2 writes in pass 1's order, looked up by name: a store may hand out a state's keys in a different
+        # order each time it is read (safetensors does), so the order is never taken from the second reading
+        for i, (group, cid, key, t) in enumerate(_in_order(index, server, clients(), rng_tensors)):
+            spec = header[f"t{i}"]
+            if _DTYPES[t.dtype] != spec["dtype"] or list(t.shape) != spec["shape"]:
+                raise CheckpointError(f"{group} state entry '{key}' changed while the checkpoint was being written; "
+                                      f"this is a bug in the state store.")
+            b = _tensor_bytes(t)
+            write(b)
+            written += len(b)
+            if not died and written >= half:
+                died = True
+                f.flush()
+                test_point("checkpoint-write")  # tests: die half-way through the data
+        if written != offset:
+            raise CheckpointError("a client state changed while its checkpoint was being written; "
+                                  "this is a bug in the state store.")
     test_point("checkpoint-rename")  # tests: die after the file is in place, before the manifest points at it
     manifest = {"format": FORMAT, "round": int(rnd), "final": bool(final), "file": name,
                 "bytes": 8 + len(head) + offset, "sha256": digest.hexdigest()}
-    from ..results.rundir import atomic_write_text
-
     atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
     _fsync_dir(folder)
     for old in folder.iterdir():  # the previous checkpoint and any temporary file a kill left behind

@@ -11,7 +11,6 @@ Sources are registered by name; a spec is ``name`` or ``kind:argument`` (``npz:P
 from __future__ import annotations
 
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from .._io import atomic_open
 from ..errors import DataError
 from ..registry import Registry
 
@@ -123,18 +123,8 @@ def write_cache(path: str | os.PathLike, x: np.ndarray, y: np.ndarray) -> Path:
     path = Path(path)
     y = np.asarray(y, dtype=np.int64)
     validate_arrays(x, y, str(path))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, x=x, y=y)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, hidden=False) as f:
+        np.savez(f, x=x, y=y)
     return path
 
 
