@@ -24,7 +24,9 @@ def table() -> str:
     seen: set[str] = set()
     out = []
     for title, pred in FAMILIES:
-        rows = [e for e in ALGORITHMS.entries() if e.name not in seen and pred(e.obj)]
+        # only the library's own algorithms (a test or a user plugin may register more in the same process)
+        rows = [e for e in ALGORITHMS.entries()
+                if e.name not in seen and e.obj.__module__.startswith("fedforge.") and pred(e.obj)]
         if not rows:
             continue
         out += [f"**{title}**", "", "| name | what it does | paper |", "|---|---|---|"]
