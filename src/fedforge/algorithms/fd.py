@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries
 from ..core.params import HyperParams, hp
-from .mechanics import (average_prototypes, collect_prototypes, kl_distill, message_to_prototypes, prototype_matrix,
-                        prototypes_to_message)
+from .mechanics import aggregate_prototypes, kl_distill, message_to_prototypes, prototype_matrix, prototype_update
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -59,10 +58,7 @@ class FD(Algorithm):
         return dict(server)
 
     def aggregate(self, server: State, updates: list[Update], rnd: int) -> State:
-        if not updates:
-            return server
-        avg = average_prototypes([u.upload for u in updates], self.PREFIX)
-        return {f"{self.PREFIX}/{c}": v for c, v in avg.items()}
+        return aggregate_prototypes(server, updates, self.PREFIX)
 
     # ----------------------------------------------------------------------------------------- client
     def init_client(self, rt: "ClientRuntime") -> State:
@@ -86,10 +82,7 @@ class FD(Algorithm):
                 share = has.sum().to(out.dtype) / x.shape[0]  # samples without a global logit add nothing
                 return loss + lam * share * kl_distill(out[has], T[y[has]])
 
-        stats = rt.train(loss_fn=loss_fn)
-        means, counts = collect_prototypes(rt, features=rt.model)
-        return Update(prototypes_to_message(means.cpu(), counts, self.PREFIX), rt.model_state(), rt.num_train,
-                      stats.as_dict())
+        return prototype_update(rt, rt.train(loss_fn=loss_fn), self.PREFIX, features=rt.model)
 
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)

@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries
 from ..core.params import HyperParams, hp
-from .mechanics import (average_prototypes, collect_prototypes, message_to_prototypes, nearest_prototype_scores,
-                        prototype_matrix, prototypes_to_message, require_common_feature_dim)
+from .mechanics import (aggregate_prototypes, message_to_prototypes, nearest_prototype_scores, prototype_matrix,
+                        prototype_update, require_common_feature_dim)
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -65,10 +65,7 @@ class FedProto(Algorithm):
         return {k: v for k, v in server.items() if k.startswith(p)}
 
     def aggregate(self, server: State, updates: list[Update], rnd: int) -> State:
-        if not updates:
-            return server
-        avg = average_prototypes([u.upload for u in updates], self.PREFIX)
-        return {f"{self.PREFIX}/{c}": v for c, v in avg.items()}
+        return aggregate_prototypes(server, updates, self.PREFIX)
 
     # ----------------------------------------------------------------------------------------- client
     def init_client(self, rt: "ClientRuntime") -> State:
@@ -100,10 +97,7 @@ class FedProto(Algorithm):
                 loss = F.cross_entropy(model.head(z), y)
                 return loss + lam * self.regulariser(z, P[y], mask[y].to(z.dtype))
 
-        stats = rt.train(loss_fn=loss_fn)
-        means, counts = collect_prototypes(rt)
-        return Update(prototypes_to_message(means.cpu(), counts, self.PREFIX), rt.model_state(), rt.num_train,
-                      stats.as_dict())
+        return prototype_update(rt, rt.train(loss_fn=loss_fn), self.PREFIX)
 
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)

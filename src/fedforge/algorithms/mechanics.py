@@ -11,7 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..core.messages import Message
+from ..core.algorithm import Update
+from ..core.messages import Message, State
 
 HEAD = "head."
 BODY = "features."
@@ -114,6 +115,23 @@ def average_prototypes(uploads: Sequence[Mapping[str, torch.Tensor]], prefix: st
         for c, v in message_to_prototypes(up, -1, prefix).items():
             acc.setdefault(c, []).append((v, w))
     return {c: sum(v * w for v, w in items) / sum(w for _, w in items) for c, items in sorted(acc.items())}
+
+
+def prototype_update(rt, stats, prefix: str = "proto", features: Callable | None = None) -> Update:
+    """A prototype-exchanging client's update after ``rt.train`` returned ``stats``: the class prototypes of the
+    trained model (:func:`collect_prototypes`; ``features`` as there) uploaded as ``<prefix>/<c>``, the whole model
+    kept as state."""
+    means, counts = collect_prototypes(rt, features=features)
+    return Update(prototypes_to_message(means.cpu(), counts, prefix), rt.model_state(), rt.num_train, stats.as_dict())
+
+
+def aggregate_prototypes(server: State, updates: Sequence[Update], prefix: str = "proto") -> State:
+    """The server state of a prototype exchange: the per-class mean of the uploads (:func:`average_prototypes`) as
+    ``<prefix>/<c>`` entries; ``server`` unchanged when no client reported."""
+    if not updates:
+        return server
+    avg = average_prototypes([u.upload for u in updates], prefix)
+    return {f"{prefix}/{c}": v for c, v in avg.items()}
 
 
 # ---------------------------------------------------------------------------------- distillation
