@@ -12,41 +12,11 @@ import torch
 import fedforge.algorithms  # noqa: F401  (registers the algorithms)
 from fedforge.algorithms._partial import norm_entries
 from fedforge.algorithms.fedrod import balanced_softmax_loss
-from fedforge.config import build_config
 from fedforge.core.algorithm import ALGORITHMS
 from fedforge.core.messages import model_entries, nbytes, under
-from fedforge.core.runtime import Task, Worker, WorkerSpec
-from fedforge.core.simulation import Simulation
-from fedforge.data import load_dataset
+from fedforge.core.runtime import Worker, WorkerSpec
 from fedforge.errors import ConfigError
-
-BASE = dict(dataset="digits", model="mlp", clients=4, rounds=2, batch_size=10, local_epochs=1, lr=0.05, seed=0)
-TIMING = ("eval_seconds", "train_seconds", "seconds")
-_DS = {}
-
-
-def digits():
-    if "d" not in _DS:
-        _DS["d"] = load_dataset("digits", None, False, None)
-    return _DS["d"]
-
-
-def sim(algorithm: str, params: dict | None = None, **kw) -> Simulation:
-    cfg = build_config(overrides={**BASE, **kw, "algorithm": algorithm}, params=params)
-    return Simulation(cfg, run_dir=False, progress=False, dataset=digits())
-
-
-def train(s: Simulation, server: dict, cid: int, rnd: int, state=None, worker: Worker | None = None):
-    w = worker or Worker(WorkerSpec(s.ds, s.partition, s.algo))
-    return w.run(Task("train", cid, rnd, s.algo.broadcast(server, cid, rnd), state))
-
-
-def differ(a: dict, b: dict) -> bool:
-    return any(not torch.equal(a[k], b[k]) for k in a.keys() & b.keys())
-
-
-def same(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+from tests.algorithms.helpers import BASE, differ, same_tensors, sim, train
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -120,7 +90,7 @@ def test_personal_state_changes_and_is_used_next_round(algo, params, model):
     assert differ(kept.state, fresh.state)
     if algo == "fedrod":
         # the personal head's loss never reaches the generic model: its upload ignores the personal state
-        assert same(kept.upload, fresh.upload)
+        assert same_tensors(kept.upload, fresh.upload)
     else:
         assert differ(kept.upload, fresh.upload)
 
@@ -147,7 +117,7 @@ def test_fedbn_without_normalisation_layers_is_fedavg_bit_for_bit(fedavg):
         assert a["personalized_acc"] == b["global_acc"] and a["personalized_loss"] == b["global_loss"]
         assert a["global_acc"] == b["global_acc"]  # nothing kept local: the shared model is a global model
         assert a["loss"] == b["loss"] and a["bytes_up"] == b["bytes_up"]
-    assert same(res.server, fedavg.server)
+    assert same_tensors(res.server, fedavg.server)
 
 
 def test_fedbn_running_statistics_stay_with_their_client():
@@ -207,7 +177,7 @@ def test_fedbabu_head_stays_random_then_clients_fine_tune():
     assert ALGORITHMS.get("fedbabu").Params().finetune_epochs == 5
     init_head = {k: v for k, v in s.ctx.build_model().state_dict().items() if k.startswith("head.")}
     res = s.run()
-    assert same({k: v for k, v in res.server.items() if k.startswith("head.")}, init_head)
+    assert same_tensors({k: v for k, v in res.server.items() if k.startswith("head.")}, init_head)
     assert differ({k: v for k, v in res.server.items() if k.startswith("features.")},
                   {k: v for k, v in s.ctx.build_model().state_dict().items() if k.startswith("features.")})
     stages = [r.get("stage", "train") for r in res.records]

@@ -15,49 +15,11 @@ import pytest
 import torch
 
 import fedforge.algorithms  # noqa: F401  (registers the algorithms)
-from fedforge.config import build_config
 from fedforge.core.algorithm import ALGORITHMS
 from fedforge.core.messages import model_entries, nbytes, under
-from fedforge.core.runtime import Task, Worker, WorkerSpec
-from fedforge.core.simulation import Simulation
-from fedforge.data import load_dataset
+from fedforge.core.runtime import Worker, WorkerSpec
 from fedforge.errors import ConfigError
-
-BASE = dict(dataset="digits", model="mlp", clients=4, rounds=2, batch_size=10, local_epochs=1, lr=0.05, seed=0)
-TIMING = ("eval_seconds", "train_seconds", "seconds")
-_DS = {}
-
-
-def digits():
-    if "d" not in _DS:
-        _DS["d"] = load_dataset("digits", None, False, None)
-    return _DS["d"]
-
-
-def sim(algorithm: str, params: dict | None = None, **kw) -> Simulation:
-    cfg = build_config(overrides={**BASE, **kw, "algorithm": algorithm}, params=params)
-    return Simulation(cfg, run_dir=False, progress=False, dataset=digits())
-
-
-def run(algorithm: str, params: dict | None = None, **kw):
-    return sim(algorithm, params, **kw).run()
-
-
-def strip(records: list[dict]) -> list[dict]:
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records]
-
-
-def train(s: Simulation, server: dict, cid: int, rnd: int, state=None, worker: Worker | None = None):
-    w = worker or Worker(WorkerSpec(s.ds, s.partition, s.algo))
-    return w.run(Task("train", cid, rnd, s.algo.broadcast(server, cid, rnd), state))
-
-
-def same_tensors(a: dict, b: dict) -> bool:
-    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-def differ(a: dict, b: dict) -> bool:
-    return any(not torch.equal(a[k], b[k]) for k in a.keys() & b.keys())
+from tests.algorithms.helpers import BASE, differ, run, same_tensors, sim, strip, train
 
 
 def sq_dist(a: dict, b: dict) -> float:
