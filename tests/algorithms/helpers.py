@@ -2,6 +2,7 @@
 copy of the dataset, one client's train task run directly, and tensor-dict comparisons."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from fedforge.config import build_config
@@ -47,3 +48,19 @@ def same_tensors(a: dict, b: dict) -> bool:
 def differ(a: dict, b: dict) -> bool:
     """Some entry the two have in common differs."""
     return any(not torch.equal(a[k], b[k]) for k in a.keys() & b.keys())
+
+
+# fixtures: a test module that imports them gets them (module scope: once per importing module)
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models train fastest on one thread (and the machine's cores are shared by parallel jobs)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def fedavg(_one_torch_thread):
+    """FedAvg on the base config, the reference the methods are compared with."""
+    return run("fedavg")

@@ -17,20 +17,7 @@ from fedforge.core.messages import model_entries, nbytes, under
 from fedforge.core.runtime import Worker, WorkerSpec
 from fedforge.errors import ConfigError
 from tests.algorithms.helpers import BASE, differ, same_tensors, sim, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models train fastest on one thread (and the machine's cores are shared by parallel jobs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def fedavg(_one_torch_thread):
-    return sim("fedavg").run()
+from tests.algorithms.helpers import _one_torch_thread, fedavg  # noqa: F401  (fixtures)
 
 
 def _body(k):

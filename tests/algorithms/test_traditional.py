@@ -20,24 +20,11 @@ from fedforge.core.messages import model_entries, nbytes, under
 from fedforge.core.runtime import Worker, WorkerSpec
 from fedforge.errors import ConfigError
 from tests.algorithms.helpers import BASE, differ, run, same_tensors, sim, strip, train
+from tests.algorithms.helpers import _one_torch_thread, fedavg  # noqa: F401  (fixtures)
 
 
 def sq_dist(a: dict, b: dict) -> float:
     return float(sum(((a[k].double() - b[k].double()) ** 2).sum() for k in b))
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models train fastest on one thread (and the machine's cores are shared by parallel jobs)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def fedavg(_one_torch_thread):
-    return run("fedavg")
 
 
 # ------------------------------------------------------------------------------------------- FedProx
