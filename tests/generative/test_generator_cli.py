@@ -22,6 +22,9 @@ def test_generator_train_writes_weights_curves_samples_and_resumes_exactly(tmp_p
         assert (a / name).is_file(), name
     cfg = json.loads((a / "generator.json").read_text())
     assert cfg["steps"] == 6 and cfg["dataset"] == "digits" and cfg["latent_dim"] == 128
+    # the recorded command names every non-default option, so it reproduces the weights
+    assert cfg["command"] == (f"fedforge generator train --dataset digits --steps 6 --batch-size 16 --channels 8 "
+                              f"--d-channels 8 --out {a}")
     assert Image.open(a / "samples.png").size[0] > 8 * 8
     log = [json.loads(line) for line in (a / "losses.jsonl").read_text().splitlines()]
     assert log[-1]["step"] == 6 and all(np.isfinite(r["d_loss"]) and np.isfinite(r["g_loss"]) for r in log)

@@ -12,6 +12,27 @@ from ..errors import ConfigError
 log = logging.getLogger("fedforge")
 
 
+def _train_command(args) -> str:
+    """The `fedforge generator train` command that reproduces a run: its dataset, classes, output and every training
+    option whose value differs from the default."""
+    parts = ["fedforge generator train", f"--dataset {args.dataset}"]
+    if args.class_subset:
+        parts.append(f"--class-subset {args.class_subset}")
+    import inspect
+
+    from .builtin import train_builtin
+
+    defaults = {k: p.default for k, p in inspect.signature(train_builtin).parameters.items()}
+    for opt, name in (("steps", "steps"), ("batch_size", "batch_size"), ("latent_dim", "latent_dim"),
+                      ("channels", "base_channels"), ("d_channels", "d_channels"), ("lr", "lr"), ("ema", "ema_decay"),
+                      ("seed", "seed")):
+        value = getattr(args, opt)
+        if value != defaults[name]:
+            parts.append(f"--{opt.replace('_', '-')} {value}")
+    parts.append(f"--out {args.out}")
+    return " ".join(parts)
+
+
 @register_command("generator", "train the built-in image generator, or sample a generator back-end")
 def cmd_generator(args: argparse.Namespace) -> int:
     if getattr(args, "generator_command", None) is None:
@@ -71,8 +92,7 @@ def _train(args: argparse.Namespace) -> int:
     log.info("training the built-in generator on %s: %d images of %s", ds.name, len(ds.y), "×".join(map(str, ds.x.shape[1:])))
     t0 = time.perf_counter()
     meta = {"dataset": ds.name, "class_subset": args.class_subset,
-            "command": "fedforge generator train --dataset {} {}--out {}".format(
-                args.dataset, f"--class-subset {args.class_subset} " if args.class_subset else "", args.out)}
+            "command": _train_command(args)}
     cfg = train_builtin(ds.x, args.out, steps=args.steps, batch_size=args.batch_size, latent_dim=args.latent_dim,
                         base_channels=args.channels, d_channels=args.d_channels, lr=args.lr, ema_decay=args.ema,
                         seed=args.seed, checkpoint_every=args.checkpoint_every, meta=meta, progress=not args.no_progress)
