@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import logging
 import time
 from pathlib import Path
@@ -12,23 +13,19 @@ from ..errors import ConfigError
 log = logging.getLogger("fedforge")
 
 
-def _train_command(args) -> str:
+# `generator train` options that are train_builtin() keywords: CLI name -> keyword
+_TRAIN_KEYWORDS = {"steps": "steps", "batch_size": "batch_size", "latent_dim": "latent_dim", "channels": "base_channels",
+                   "d_channels": "d_channels", "lr": "lr", "ema": "ema_decay", "seed": "seed"}
+
+
+def _train_command(args: argparse.Namespace, defaults: dict) -> str:
     """The `fedforge generator train` command that reproduces a run: its dataset, classes, output and every training
-    option whose value differs from the default."""
+    option whose value differs from ``defaults`` (train_builtin's keyword defaults)."""
     parts = ["fedforge generator train", f"--dataset {args.dataset}"]
     if args.class_subset:
         parts.append(f"--class-subset {args.class_subset}")
-    import inspect
-
-    from .builtin import train_builtin
-
-    defaults = {k: p.default for k, p in inspect.signature(train_builtin).parameters.items()}
-    for opt, name in (("steps", "steps"), ("batch_size", "batch_size"), ("latent_dim", "latent_dim"),
-                      ("channels", "base_channels"), ("d_channels", "d_channels"), ("lr", "lr"), ("ema", "ema_decay"),
-                      ("seed", "seed")):
-        value = getattr(args, opt)
-        if value != defaults[name]:
-            parts.append(f"--{opt.replace('_', '-')} {value}")
+    parts += [f"--{opt.replace('_', '-')} {getattr(args, opt)}" for opt, kw in _TRAIN_KEYWORDS.items()
+              if getattr(args, opt) != defaults[kw]]
     parts.append(f"--out {args.out}")
     return " ".join(parts)
 
@@ -91,11 +88,10 @@ def _train(args: argparse.Namespace) -> int:
     ds = load_dataset(args.dataset, args.data_root, args.download, args.class_subset)
     log.info("training the built-in generator on %s: %d images of %s", ds.name, len(ds.y), "×".join(map(str, ds.x.shape[1:])))
     t0 = time.perf_counter()
-    meta = {"dataset": ds.name, "class_subset": args.class_subset,
-            "command": _train_command(args)}
-    cfg = train_builtin(ds.x, args.out, steps=args.steps, batch_size=args.batch_size, latent_dim=args.latent_dim,
-                        base_channels=args.channels, d_channels=args.d_channels, lr=args.lr, ema_decay=args.ema,
-                        seed=args.seed, checkpoint_every=args.checkpoint_every, meta=meta, progress=not args.no_progress)
+    defaults = {k: p.default for k, p in inspect.signature(train_builtin).parameters.items()}
+    meta = {"dataset": ds.name, "class_subset": args.class_subset, "command": _train_command(args, defaults)}
+    cfg = train_builtin(ds.x, args.out, **{kw: getattr(args, opt) for opt, kw in _TRAIN_KEYWORDS.items()},
+                        checkpoint_every=args.checkpoint_every, meta=meta, progress=not args.no_progress)
     out = Path(args.out)
     print(f"trained {cfg['steps']} steps ({cfg['train_seconds']:.0f}s of training in total; this call {time.perf_counter() - t0:.0f}s)")
     print(f"written: {out / 'generator.safetensors'}, {out / 'generator.json'}, {out / 'samples.png'}, {out / 'losses.png'}")
