@@ -27,8 +27,8 @@ from ..core.context import derive_seed
 from ..core.messages import Message, State, model_entries
 from ..core.params import HyperParams, hp
 from ..core.training import train_loop
-from .mechanics import (collect_prototypes, is_head, message_to_prototypes, prototypes_to_message,
-                        require_common_feature_dim, require_same_head, select)
+from .mechanics import (is_head, message_to_prototypes, prototype_update, require_common_feature_dim,
+                        require_same_head, select)
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -83,9 +83,7 @@ class FedGH(Algorithm):
     def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
         rt.load(model_entries(msg))  # the global header replaces the local one
-        stats = rt.train()
-        means, counts = collect_prototypes(rt)
-        return Update(prototypes_to_message(means.cpu(), counts), rt.model_state(), rt.num_train, stats.as_dict())
+        return prototype_update(rt, rt.train())
 
     def personal_params(self, msg: Message, state: State) -> Message:
         """The client's feature extractor with the global header."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from .._io import atomic_open
 from ..errors import PartitionError
 from ..registry import Registry
 
@@ -337,11 +337,8 @@ class Partition:
         meta = {"scheme": self.scheme, "params": self.params, "seed": self.seed, "num_clients": self.num_clients,
                 "fingerprint": self.fingerprint}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        with os.fdopen(fd, "wb") as f:
+        with atomic_open(path, hidden=False) as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
         return path
 
     @classmethod
