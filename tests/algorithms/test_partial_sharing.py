@@ -140,6 +140,47 @@ def test_fedrep_runs_head_epochs_then_body_epochs():
     assert differ(u1.upload, per.upload)
 
 
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_head_epochs_on_cached_features_follow_the_path_through_the_frozen_body(model):
+    """FedRep's head epochs run on features computed once; the head they give equals (up to float rounding)
+    the head trained through the frozen body batch by batch, and the random stream ends in the same state."""
+    from fedforge.algorithms.fedrep import head_only_loss
+    from fedforge.algorithms.mechanics import frozen_feature_batches, head_loss, is_head, named_params
+    from fedforge.core.runtime import ClientRuntime
+
+    s = sim("fedrep", {"head_epochs": 3}, model=model)
+    heads, draws = [], []
+    for cached in (True, False):
+        rt = ClientRuntime(Worker(WorkerSpec(s.ds, s.partition, s.algo)), 1, 1, 123)
+        rt.load(rt.initial_params())
+        params = named_params(rt.model, is_head)
+        if cached:
+            batches = frozen_feature_batches(rt, epochs=3)
+            assert batches is not None and len(batches) == 3 * (s.ctx.train_sizes[1] // BASE["batch_size"])
+            rt.train(loss_fn=head_loss, params=params, batches=batches)
+        else:
+            rt.train(loss_fn=head_only_loss, params=params, epochs=3)
+        heads.append({k: v.clone() for k, v in rt.model.state_dict().items()})
+        draws.append(torch.randint(0, 10**9, (1,), generator=rt.gen).item())
+    assert draws[0] == draws[1]  # the body epochs that follow see the same batches
+    assert heads[0].keys() == heads[1].keys()
+    for k in heads[0]:
+        assert torch.allclose(heads[0][k], heads[1][k], atol=1e-5), k
+    init = rt.initial_params()
+    assert any(not torch.equal(heads[0][k], init[k]) for k in init if k.startswith("head."))  # the head trained
+    assert all(torch.equal(heads[0][k], init[k]) for k in init if k.startswith("features."))  # the body did not
+
+
+def test_frozen_feature_batches_fall_back_where_they_would_not_be_exact():
+    from fedforge.algorithms.mechanics import frozen_feature_batches
+    from fedforge.core.runtime import ClientRuntime
+
+    for kw, spec_kw in (({"model": "cnn_bn"}, {}), ({}, {"augment": True})):
+        s = sim("fedrep", {"head_epochs": 2}, **kw)
+        rt = ClientRuntime(Worker(WorkerSpec(s.ds, s.partition, s.algo, **spec_kw)), 0, 1, 5)
+        assert frozen_feature_batches(rt, epochs=2) is None
+
+
 # ------------------------------------------------------------------------------------------- LG-FedAvg
 def test_lgfedavg_across_architectures_sends_only_the_head():
     s = sim("lgfedavg", model="cnn,ht_resnet4", rounds=1)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..core.algorithm import register_algorithm
 from ..core.params import HyperParams, hp
-from .mechanics import is_body, is_head, named_params
+from .mechanics import frozen_feature_batches, head_loss, is_body, is_head, named_params
 from ._partial import PartialSharing
 
 
@@ -46,6 +46,11 @@ class FedRep(PartialSharing):
         return is_body(name)
 
     def train_client(self, rt, msg, state):
-        head = rt.train(loss_fn=head_only_loss, params=named_params(rt.model, is_head), epochs=self.hp.head_epochs)
+        head_params = named_params(rt.model, is_head)
+        cached = frozen_feature_batches(rt, epochs=self.hp.head_epochs)
+        if cached is not None:  # the body is frozen: its features are computed once, not once per head epoch
+            head = rt.train(loss_fn=head_loss, params=head_params, batches=cached)
+        else:
+            head = rt.train(loss_fn=head_only_loss, params=head_params, epochs=self.hp.head_epochs)
         body = rt.train(params=named_params(rt.model, is_body))
         return head.merge(body), {}

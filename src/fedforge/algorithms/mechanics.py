@@ -36,6 +36,48 @@ def named_params(model: nn.Module, keep: Callable[[str], bool]) -> list[torch.Te
     return [p for n, p in model.named_parameters() if keep(n)]
 
 
+def batch_independent(model: nn.Module) -> bool:
+    """Whether ``model``'s training-mode forward treats each sample alone and without randomness
+    (no batch normalisation, dropout or stochastic depth), so features can be computed once and reused."""
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
+            return False
+        if "StochasticDepth" in type(m).__name__:
+            return False
+    return True
+
+
+def frozen_feature_batches(rt, model: nn.Module | None = None, epochs: int | None = None,
+                           chunk: int = 256):
+    """Training batches ``(model.features(x), y)`` for head-only epochs while the body is frozen.
+
+    The features of the client's training samples are computed once (under ``no_grad``, in chunks) and the
+    batches are then cut from them in exactly the order that ``rt.batches(epochs)`` would yield, drawing the
+    same numbers from the task's random stream, so a head trained on them follows the same path as one trained
+    through the frozen body, up to float rounding, at the cost of one forward pass instead of one per epoch.
+    Returns None when that would not be exact (augmentation on, or a body whose forward depends on the batch
+    or on randomness); the caller then trains through the body.
+    """
+    m = model if model is not None else rt.model
+    fed = rt.fed
+    if fed.augment or not batch_independent(m):
+        return None
+    idx = fed.train_indices(rt.cid)
+    m.train()
+    with torch.no_grad(), rt.autocast():
+        z = torch.cat([m.features(fed.inputs(idx[s:s + chunk])[0]) for s in range(0, idx.numel(), chunk)]) \
+            if idx.numel() else torch.zeros(0)
+    y = fed.y[idx]
+    z = z.float()
+    n_epochs = rt.local_epochs if epochs is None else epochs
+    return [(z[pos], y[pos]) for pos in fed.train_positions(idx.numel(), rt.batch_size, rt.gen, n_epochs)]
+
+
+def head_loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the head alone on given features (the loss for :func:`frozen_feature_batches`)."""
+    return F.cross_entropy(model.head(z), y)
+
+
 # -------------------------------------------------------------------------------------- proximal
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """mu/2 · Σ ||w − w_anchor||² (differentiable in ``params``)."""

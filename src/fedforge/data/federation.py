@@ -83,10 +83,23 @@ class Federation:
         ``subset`` (positions within the client's training indices) restricts the batches to those samples,
         e.g. the training part when a method holds out a validation split (FedFomo).
         """
+        idx = self.train_indices(cid, subset)
+        for pos in self.train_positions(idx.numel(), batch_size, generator, epochs, fraction, drop_last):
+            x, y = self.inputs(idx[pos])
+            if self.augment:
+                x = self._augment(x, generator)
+            yield x, y
+
+    def train_indices(self, cid: int, subset: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled indices of client ``cid``'s training samples (restricted to ``subset`` positions if given)."""
         idx = self.train_idx[cid]
         if subset is not None:
             idx = idx[torch.as_tensor(subset, dtype=torch.long, device=idx.device)]
-        n = idx.numel()
+        return idx
+
+    def train_positions(self, n: int, batch_size: int, generator: torch.Generator, epochs: int = 1,
+                        fraction: float = 1.0, drop_last: bool = True) -> Iterator[torch.Tensor]:
+        """The batch order of :meth:`train_batches` as positions in ``0..n-1`` (same draws from ``generator``)."""
         if n == 0:
             return
         for _ in range(epochs):
@@ -98,11 +111,7 @@ class Federation:
             m = perm.numel()
             stop = m - (m % batch_size) if (drop_last and m > batch_size) else m
             for s in range(0, stop, batch_size):
-                sel = idx[perm[s : s + batch_size]]
-                x, y = self.inputs(sel)
-                if self.augment:
-                    x = self._augment(x, generator)
-                yield x, y
+                yield perm[s : s + batch_size]
 
     def num_batches(self, cid: int, batch_size: int, epochs: int = 1, fraction: float = 1.0, drop_last: bool = True) -> int:
         n = self.num_train(cid)
