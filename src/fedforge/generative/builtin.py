@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._io import atomic_write_bytes, atomic_write_text
 from .base import GENERATORS, Generator, GeneratorError, as_generator
 from .images import image_grid, save_png, to_uint8
 
@@ -169,17 +170,13 @@ def _builtin_factory(arg: str | None, device: str = "cpu", trust_pickle: bool = 
 
 def save_builtin(net: GeneratorNet, config: dict, out: str | os.PathLike, half: bool = True) -> Path:
     """Write ``generator.safetensors`` (fp16 by default: half the size, no visible change) and ``generator.json``."""
-    from safetensors.torch import save_file
-
-    from ..results.rundir import atomic_write_text
+    from safetensors.torch import save
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
              for k, v in net.state_dict().items()}
-    tmp = out / (".tmp-" + WEIGHTS)
-    save_file(state, str(tmp))
-    os.replace(tmp, out / WEIGHTS)
+    atomic_write_bytes(out / WEIGHTS, save(state))
     atomic_write_text(out / CONFIG, json.dumps({**config, "format": FORMAT, "dtype": "float16" if half else "float32"}, indent=2) + "\n")
     for f in (WEIGHTS, CONFIG):
         os.chmod(out / f, 0o644)  # shareable files, not private temporaries
@@ -269,9 +266,7 @@ def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, b
     Resumes from ``out/checkpoint.*`` when present (the architecture must match; ``steps`` may grow).
     Returns the final ``generator.json`` contents.
     """
-    from safetensors.torch import load_file, save_file
-
-    from ..results.rundir import atomic_write_text
+    from safetensors.torch import load_file, save
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -313,8 +308,7 @@ def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, b
         flat |= _flatten_opt("opt_g", opt_g) | _flatten_opt("opt_d", opt_d)
         flat["rng"] = gen.get_state()
         flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
-        save_file(flat, str(out / ("." + CKPT + ".tmp")))
-        os.replace(out / ("." + CKPT + ".tmp"), out / CKPT)
+        atomic_write_bytes(out / CKPT, save(flat))
         atomic_write_text(out / LOSSES, "".join(json.dumps(r) + "\n" for r in log))
         atomic_write_text(out / CKPT_META, json.dumps({"arch": arch, "step": step, "elapsed_seconds": elapsed}, indent=2) + "\n")
 
