@@ -14,8 +14,12 @@ from typing import BinaryIO, Iterator
 
 
 @contextlib.contextmanager
-def atomic_open(path: str | os.PathLike, hidden: bool = True) -> Iterator[BinaryIO]:
-    """Open a binary file that replaces ``path`` when the ``with`` body ends without an exception."""
+def atomic_open(path: str | os.PathLike, hidden: bool = True, durable: bool = True) -> Iterator[BinaryIO]:
+    """Open a binary file that replaces ``path`` when the ``with`` body ends without an exception.
+
+    ``durable=False`` skips the fsync: still atomic for readers, but a power loss may lose the new contents
+    (for scratch files that a crash makes obsolete anyway, such as a run's disk-backed client states).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=("." if hidden else "") + path.name + ".", suffix=".tmp", dir=path.parent)
@@ -23,7 +27,8 @@ def atomic_open(path: str | os.PathLike, hidden: bool = True) -> Iterator[Binary
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -31,8 +36,8 @@ def atomic_open(path: str | os.PathLike, hidden: bool = True) -> Iterator[Binary
         raise
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    with atomic_open(path) as f:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, durable: bool = True) -> Path:
+    with atomic_open(path, durable=durable) as f:
         f.write(data)
     return Path(path)
 

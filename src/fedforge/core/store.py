@@ -25,6 +25,7 @@ from typing import Any, Iterator
 
 import torch
 
+from .._io import atomic_write_bytes
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .messages import State
@@ -160,11 +161,8 @@ class DiskStore(StateStore):
         # safetensors sorts entries by name; the key order is kept in the metadata so get() returns the state as put
         data = save(tensors, metadata={"format": _FORMAT, "cid": str(int(cid)), "sha256": state_digest(tensors),
                                        "order": json.dumps(list(tensors))})
-        target = self.file(cid)
-        tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
+        # scratch state of this run (a crash means resuming from a checkpoint, which clears the folder): no fsync
+        atomic_write_bytes(self.file(cid), data, durable=False)
         self._cids.add(int(cid))
 
     def get(self, cid: int) -> State | None:
