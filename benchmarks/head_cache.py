@@ -27,8 +27,7 @@ def main() -> None:
     args = p.parse_args()
 
     import fedforge.algorithms  # noqa: F401
-    from fedforge.algorithms.fedrep import head_only_loss
-    from fedforge.algorithms.mechanics import frozen_feature_batches, head_loss, is_head, named_params
+    from fedforge.algorithms.mechanics import frozen_feature_batches, head_loss, head_only_loss, is_head, named_params
     from fedforge.config import build_config
     from fedforge.core.runtime import ClientRuntime, Worker, WorkerSpec
     from fedforge.core.simulation import Simulation

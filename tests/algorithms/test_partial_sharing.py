@@ -144,8 +144,7 @@ def test_fedrep_runs_head_epochs_then_body_epochs():
 def test_head_epochs_on_cached_features_follow_the_path_through_the_frozen_body(model):
     """FedRep's head epochs run on features computed once; the head they give equals (up to float rounding)
     the head trained through the frozen body batch by batch, and the random stream ends in the same state."""
-    from fedforge.algorithms.fedrep import head_only_loss
-    from fedforge.algorithms.mechanics import frozen_feature_batches, head_loss, is_head, named_params
+    from fedforge.algorithms.mechanics import frozen_feature_batches, head_loss, head_only_loss, is_head, named_params
     from fedforge.core.runtime import ClientRuntime
 
     s = sim("fedrep", {"head_epochs": 3}, model=model)
@@ -218,6 +217,18 @@ def test_fedbabu_head_stays_random_then_clients_fine_tune():
         tuned = res.store.get(cid)
         assert differ({k: tuned[k] for k in init_head}, init_head)
 
+
+
+def test_fedbabu_head_only_fine_tuning_keeps_the_global_body():
+    s = sim("fedbabu", {"finetune_part": "head"})
+    res = s.run()
+    body = {k: v for k, v in res.server.items() if k.startswith("features.")}
+    head = {k: v for k, v in res.server.items() if k.startswith("head.")}
+    for cid in range(4):
+        tuned = res.store.get(cid)
+        assert same_tensors({k: tuned[k] for k in body}, body)  # only the head was fine-tuned
+        assert differ({k: tuned[k] for k in head}, head)
+    assert res.records[-1]["stage"] == "finetune"
 
 # ---------------------------------------------------------------------------------------------- FedRoD
 def test_balanced_softmax_shifts_by_log_prior_and_is_ce_for_uniform_prior():

@@ -18,7 +18,7 @@ from ..core.algorithm import register_algorithm
 from ..core.messages import model_entries
 from ..core.params import HyperParams, hp
 from ..core.algorithm import Algorithm
-from .mechanics import is_body, is_head, named_params
+from .mechanics import is_body, named_params, train_head
 from ._partial import PartialSharing
 
 
@@ -51,6 +51,8 @@ class FedBABU(PartialSharing):
 
     def finetune(self, rt, msg, state):
         rt.load(model_entries(msg))
-        keep = is_head if self.hp.finetune_part == "head" else (lambda n: True)
-        rt.train(loss_fn=self.loss, params=named_params(rt.model, keep), epochs=self.hp.finetune_epochs)
+        if self.hp.finetune_part == "head":
+            train_head(rt, self.hp.finetune_epochs)  # body frozen: on features computed once where exact
+        else:
+            rt.train(loss_fn=self.loss, params=list(rt.model.parameters()), epochs=self.hp.finetune_epochs)
         return rt.model_state()

@@ -16,25 +16,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-import torch.nn.functional as F
-
 from ..core.algorithm import register_algorithm
 from ..core.params import HyperParams, hp
-from .mechanics import frozen_feature_batches, head_loss, is_body, is_head, named_params
+from .mechanics import is_body, named_params, train_head
 from ._partial import PartialSharing
 
 
 @dataclass(frozen=True)
 class FedRepParams(HyperParams):
     head_epochs: int = hp(10, "local epochs that train the head with the body frozen, before the body's epochs", ge=1)
-
-
-def head_only_loss(model, x, y):
-    """Cross-entropy of the head on features of the frozen body (no activations of the body are kept)."""
-    with torch.no_grad():
-        z = model.features(x)
-    return F.cross_entropy(model.head(z), y)
 
 
 @register_algorithm("fedrep", summary="FedRep (Collins et al., ICML 2021): head epochs then body epochs; body shared")
@@ -46,11 +36,6 @@ class FedRep(PartialSharing):
         return is_body(name)
 
     def train_client(self, rt, msg, state):
-        head_params = named_params(rt.model, is_head)
-        cached = frozen_feature_batches(rt, epochs=self.hp.head_epochs)
-        if cached is not None:  # the body is frozen: its features are computed once, not once per head epoch
-            head = rt.train(loss_fn=head_loss, params=head_params, batches=cached)
-        else:
-            head = rt.train(loss_fn=head_only_loss, params=head_params, epochs=self.hp.head_epochs)
+        head = train_head(rt, self.hp.head_epochs)  # body frozen: on features computed once where exact
         body = rt.train(params=named_params(rt.model, is_body))
         return head.merge(body), {}

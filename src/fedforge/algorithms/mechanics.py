@@ -78,6 +78,24 @@ def head_loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> torch.Tenso
     return F.cross_entropy(model.head(z), y)
 
 
+def head_only_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the head on features of the frozen body (no activations of the body are kept)."""
+    with torch.no_grad():
+        z = model.features(x)
+    return F.cross_entropy(model.head(z), y)
+
+
+def train_head(rt, epochs: int | None = None):
+    """Train ``rt.model``'s head alone with cross-entropy for ``epochs`` (the run's local epochs by default), the
+    body frozen: on features computed once (:func:`frozen_feature_batches`) where that is exact, otherwise batch by
+    batch through the body. Both paths give the same head up to float rounding; returns the training stats."""
+    params = named_params(rt.model, is_head)
+    cached = frozen_feature_batches(rt, epochs=epochs)
+    if cached is not None:
+        return rt.train(loss_fn=head_loss, params=params, batches=cached)
+    return rt.train(loss_fn=head_only_loss, params=params, epochs=epochs)
+
+
 # -------------------------------------------------------------------------------------- proximal
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """mu/2 · Σ ||w − w_anchor||² (differentiable in ``params``)."""
