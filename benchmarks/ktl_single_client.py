@@ -36,16 +36,23 @@ PAPER = {23: (12.53, 13.02), 9: (7.55, 8.88), 2: (4.44, 8.76)}  # Table 9, CIFAR
 
 def run_config(args, shots: int, seed: int, method: str, out: Path) -> dict:
     algo, params = METHODS[method]
+    if method == "ktl":
+        params = {**params, **dict(parse_set(kv) for kv in args.set)}
     return dict(algorithm=algo, params=dict(params), dataset="cifar100", class_subset=args.class_subset, model="cnn",
                 clients=1, partition="fewshot", shots=shots, rounds=args.rounds, eval_every=args.eval_every,
                 lr=args.lr, batch_size=args.batch_size, local_epochs=1, seed=seed, data_root=args.data_root,
                 generator=args.generator, checkpoint_every=0, out=str(out))
 
 
+def parse_set(kv: str) -> tuple[str, float]:
+    key, _, value = kv.partition("=")
+    return key, float(value)
+
+
 def command_line(args) -> str:
     return (f"scripts/cpu-slot .venv/bin/python benchmarks/ktl_single_client.py --data-root DATA --shots {args.shots} "
             f"--seeds {args.seeds} --methods {args.methods} --rounds {args.rounds} --eval-every {args.eval_every} "
-            f"--lr {args.lr} --out-dir {args.out_dir} --table {args.table}")
+            f"--lr {args.lr} --out-dir {args.out_dir} --table {args.table}" + "".join(f" --set {kv}" for kv in args.set))
 
 
 def collect(out_dir: Path) -> dict:
@@ -83,7 +90,8 @@ def write_table(args, path: Path) -> None:
              f"Test accuracy (%) of the one client on all the other images of the 50 classes, mean ± std over seeds "
              f"(best evaluation and last evaluation; evaluations every {args.eval_every} rounds of {args.rounds}). "
              f"`client` = client data only (same ETF/ArcFace model, μ = 0), `ktl` = with the server's built-in generator "
-             f"(FedKTL defaults), `local` = plain cross-entropy.", ""]
+             f"(FedKTL defaults), `local` = plain cross-entropy."
+             + ("" if not args.set else " The ktl runs set " + ", ".join(args.set) + "."), ""]
     head = "| k | " + " | ".join(f"{m} best | {m} last" for m in methods) + " | gain best (ktl − client) | gain last | seeds |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for k in shots:
@@ -139,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=10)
     p.add_argument("--out-dir", default="bench-runs/ktl-single")
     p.add_argument("--table", default="docs/benchmarks/fedktl-single-client.md")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a FedKTL hyper-parameter of the ktl runs (e.g. mu=5); repeatable")
     p.add_argument("--commit", action="store_true", help="git-commit the table after every finished run")
     p.add_argument("--table-only", action="store_true")
     args = p.parse_args(argv)

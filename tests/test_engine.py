@@ -108,3 +108,18 @@ def test_pfllib_split_drives_the_clients(data_root):
     sizes = [a + b for a, b in zip(sim.ctx.train_sizes, sim.ctx.test_sizes)]
     assert sizes == [sum(n for _, n in c) for c in cfgj["Size of samples for labels in clients"]]
     assert np.array_equal(sim.partition.train[3], sim.ds.client_split[3][0])
+
+
+def test_curves_plot_the_server_side_metrics_of_algorithms_that_have_them(tmp_path):
+    """FedTGP records its server prototype loss and margin: curves.png gets a third panel (a wider image);
+    FedAvg has no server-side metric and keeps two panels."""
+    import struct
+
+    def png_width(path):
+        return struct.unpack(">I", path.read_bytes()[16:20])[0]
+
+    tgp = fedforge.run(algorithm="fedtgp", out=str(tmp_path / "tgp"), model="cnn", params={"server_epochs": 5},
+                       **{**FAST, "rounds": 2})
+    assert any(r.get("server_loss") is not None for r in tgp.records)
+    avg = fedforge.run(algorithm="fedavg", out=str(tmp_path / "avg"), **{**FAST, "rounds": 1})
+    assert png_width(tmp_path / "tgp" / "curves.png") > 1.3 * png_width(tmp_path / "avg" / "curves.png")

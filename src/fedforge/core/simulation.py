@@ -289,7 +289,9 @@ class Simulation:
         if rd is not None:
             rd.write_json("summary.json", summary)
             try:
-                plot_curves(records, rd.file("curves.png"), title=f"{cfg.algorithm} · {self.ds.name}")
+                server_keys = [k for k in self.algo.server_metrics(prog.server) if "seconds" not in k]
+                plot_curves(records, rd.file("curves.png"), title=f"{cfg.algorithm} · {self.ds.name}",
+                            server_keys=server_keys)
             except Exception as e:  # a plot must never lose a finished run
                 log.warning("could not draw curves.png (%s)", e)
             rd.set_status("complete", wall_seconds=wall)

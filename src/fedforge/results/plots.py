@@ -14,9 +14,16 @@ def _mpl():
     return plt
 
 
-def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "",
+                server_keys: list[str] | tuple[str, ...] = ()) -> Path:
+    """Accuracy and loss per round; with ``server_keys`` (the algorithm's server-side metrics, e.g. FedTGP's
+    prototype loss and margin, FedKTL's alignment losses) a third panel plots those per round."""
     plt = _mpl()
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    server = {k: [(r["round"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and r.get("stage", "train") == "train"]
+              for k in server_keys}
+    server = {k: pts for k, pts in server.items() if pts}
+    fig, axes = plt.subplots(1, 3 if server else 2, figsize=(16 if server else 11, 4))
+    a1, a2 = axes[0], axes[1]
     rs = [r["round"] for r in records]
     for key, label in (("global_acc", "global model"), ("personalized_acc", "personalized")):
         pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
@@ -35,6 +42,16 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "") -
     a2.grid(alpha=0.3)
     if rs:
         a2.legend()
+    if server:
+        a3 = axes[2]
+        for k, pts in server.items():
+            a3.plot(*zip(*pts), marker=".", label=k)
+        if all(v > 0 for pts in server.values() for _, v in pts):
+            a3.set_yscale("log")
+        a3.set_xlabel("round")
+        a3.set_ylabel("server-side metric")
+        a3.grid(alpha=0.3)
+        a3.legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
