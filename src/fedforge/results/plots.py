@@ -14,6 +14,19 @@ def _mpl():
     return plt
 
 
+def _panel(ax, series: dict[str, list], ylabel: str, log: bool = False, fontsize: float | None = None) -> None:
+    """One panel of per-round curves, label → [(round, value), ...]."""
+    for label, pts in series.items():
+        ax.plot(*zip(*pts), marker=".", label=label)
+    if log:
+        ax.set_yscale("log")
+    ax.set_xlabel("round")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize=fontsize)
+
+
 def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "",
                 server_keys: list[str] | tuple[str, ...] = ()) -> Path:
     """Accuracy and loss per round; with ``server_keys`` (the algorithm's server-side metrics, e.g. FedTGP's
@@ -23,35 +36,17 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "",
               for k in server_keys}
     server = {k: pts for k, pts in server.items() if pts}
     fig, axes = plt.subplots(1, 3 if server else 2, figsize=(16 if server else 11, 4))
-    a1, a2 = axes[0], axes[1]
-    rs = [r["round"] for r in records]
-    for key, label in (("global_acc", "global model"), ("personalized_acc", "personalized")):
-        pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
-        if pts:
-            a1.plot(*zip(*pts), marker=".", label=label)
-    a1.set_xlabel("round")
-    a1.set_ylabel("test accuracy")
-    a1.grid(alpha=0.3)
-    a1.legend()
-    for key, label in (("loss", "train loss"), ("global_loss", "test loss (global)"), ("personalized_loss", "test loss (personalized)")):
-        pts = [(r["round"], r[key]) for r in records if r.get(key) is not None]
-        if pts:
-            a2.plot(*zip(*pts), marker=".", label=label)
-    a2.set_xlabel("round")
-    a2.set_ylabel("loss")
-    a2.grid(alpha=0.3)
-    if rs:
-        a2.legend()
+
+    def series(pairs):
+        out = {label: [(r["round"], r[key]) for r in records if r.get(key) is not None] for key, label in pairs}
+        return {label: pts for label, pts in out.items() if pts}
+
+    _panel(axes[0], series((("global_acc", "global model"), ("personalized_acc", "personalized"))), "test accuracy")
+    _panel(axes[1], series((("loss", "train loss"), ("global_loss", "test loss (global)"),
+                            ("personalized_loss", "test loss (personalized)"))), "loss")
     if server:
-        a3 = axes[2]
-        for k, pts in server.items():
-            a3.plot(*zip(*pts), marker=".", label=k)
-        if all(v > 0 for pts in server.values() for _, v in pts):
-            a3.set_yscale("log")
-        a3.set_xlabel("round")
-        a3.set_ylabel("server-side metric")
-        a3.grid(alpha=0.3)
-        a3.legend(fontsize=8)
+        _panel(axes[2], server, "server-side metric", fontsize=8,
+               log=all(v > 0 for pts in server.values() for _, v in pts))
     fig.suptitle(title)
     fig.tight_layout()
     path = Path(path)
