@@ -218,7 +218,6 @@ def test_fedbabu_head_stays_random_then_clients_fine_tune():
         assert differ({k: tuned[k] for k in init_head}, init_head)
 
 
-
 def test_fedbabu_head_only_fine_tuning_keeps_the_global_body():
     s = sim("fedbabu", {"finetune_part": "head"})
     res = s.run()
@@ -229,6 +228,7 @@ def test_fedbabu_head_only_fine_tuning_keeps_the_global_body():
         assert same_tensors({k: tuned[k] for k in body}, body)  # only the head was fine-tuned
         assert differ({k: tuned[k] for k in head}, head)
     assert res.records[-1]["stage"] == "finetune"
+
 
 # ---------------------------------------------------------------------------------------------- FedRoD
 def test_balanced_softmax_shifts_by_log_prior_and_is_ce_for_uniform_prior():
