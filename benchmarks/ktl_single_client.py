@@ -44,9 +44,11 @@ def run_config(args, shots: int, seed: int, method: str, out: Path) -> dict:
                 generator=args.generator, checkpoint_every=0, out=str(out))
 
 
-def parse_set(kv: str) -> tuple[str, float]:
+def parse_set(kv: str) -> tuple[str, object]:
+    from fedforge.config import parse_value
+
     key, _, value = kv.partition("=")
-    return key, float(value)
+    return key, parse_value(value)
 
 
 def command_line(args) -> str:

@@ -32,14 +32,14 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "",
     """Accuracy and loss per round; with ``server_keys`` (the algorithm's server-side metrics, e.g. FedTGP's
     prototype loss and margin, FedKTL's alignment losses) a third panel plots those per round."""
     plt = _mpl()
-    server = {k: [(r["round"], r[k]) for r in records if isinstance(r.get(k), (int, float)) and r.get("stage", "train") == "train"]
-              for k in server_keys}
-    server = {k: pts for k, pts in server.items() if pts}
-    fig, axes = plt.subplots(1, 3 if server else 2, figsize=(16 if server else 11, 4))
 
-    def series(pairs):
-        out = {label: [(r["round"], r[key]) for r in records if r.get(key) is not None] for key, label in pairs}
+    def series(pairs, train_only: bool = False):
+        out = {label: [(r["round"], r[key]) for r in records if r.get(key) is not None
+                       and (not train_only or r.get("stage", "train") == "train")] for key, label in pairs}
         return {label: pts for label, pts in out.items() if pts}
+
+    server = series([(k, k) for k in server_keys], train_only=True)
+    fig, axes = plt.subplots(1, 3 if server else 2, figsize=(16 if server else 11, 4))
 
     _panel(axes[0], series((("global_acc", "global model"), ("personalized_acc", "personalized"))), "test accuracy")
     _panel(axes[1], series((("loss", "train loss"), ("global_loss", "test loss (global)"),
