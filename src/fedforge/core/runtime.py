@@ -200,6 +200,9 @@ class ClientRuntime:
                  model: torch.nn.Module | None = None) -> EvalCounts:
         m = model if model is not None else self.model
         m.eval()
-        return eval_loop(predict or m, self.eval_batches(part), autocast=self.autocast)
+        absent = self.class_counts("train") == 0
+        if bool(absent.all()):  # a client without training data: nothing to call off-class
+            absent = None
+        return eval_loop(predict or m, self.eval_batches(part), autocast=self.autocast, absent=absent)
 
 

@@ -101,7 +101,10 @@ def _summ_counts(results: list[EvalResult], key: str) -> dict[str, float] | None
     correct = sum(c.correct for _, c in counts)
     total = sum(c.total for _, c in counts)
     accs = np.array([c.acc for _, c in counts if c.total > 0], dtype=np.float64)
+    own_total = sum(c.own_total for _, c in counts)
     return {
+        "offclass": sum(c.off_class for _, c in counts) / own_total if own_total else None,
+        "ownclass_acc": sum(c.own_correct for _, c in counts) / own_total if own_total else None,
         "acc": correct / total if total else float("nan"),
         "loss": sum(c.loss_sum for _, c in counts) / total if total else float("nan"),
         "std": float(accs.std()) if len(accs) else float("nan"),
@@ -519,6 +522,13 @@ class Simulation:
         for view in extra_views:
             s = _summ_counts(results, view)
             rec[f"{view}_acc"] = s["acc"] if s else None
+        # label-skew diagnostics of every view: share of predictions naming a class the client holds no training
+        # sample of, and the accuracy with those classes masked out (see EvalCounts)
+        for view in ("global", "personalized", *extra_views):
+            s = _summ_counts(results, view)
+            if s and s["offclass"] is not None:
+                rec[f"{view}_offclass"] = s["offclass"]
+                rec[f"{view}_ownclass_acc"] = s["ownclass_acc"]
         rec |= {"bytes_up": info.get("bytes_up", 0), "bytes_down": info.get("bytes_down", 0),
                 "params_up": info.get("params_up", 0), "params_down": info.get("params_down", 0),
                 "clients": info.get("clients", 0)}

@@ -94,11 +94,20 @@ def params_of(model: nn.Module, prefixes: Sequence[str] | None = None, exclude: 
 
 @dataclass
 class EvalCounts:
-    """Sums over one client's evaluation data; accuracy = correct / total."""
+    """Sums over one client's evaluation data; accuracy = correct / total.
+
+    Label-skew diagnostics (counted when the evaluation knows which classes the client holds no training sample
+    of, as :meth:`ClientRuntime.evaluate` does): ``off_class`` predictions that name such an absent class, and
+    ``own_correct`` answers that are right once the absent classes' scores are masked out, both out of
+    ``own_total`` samples (0 where they were not counted).
+    """
 
     correct: int = 0
     total: int = 0
     loss_sum: float = 0.0
+    off_class: int = 0
+    own_correct: int = 0
+    own_total: int = 0
 
     @property
     def acc(self) -> float:
@@ -107,15 +116,26 @@ class EvalCounts:
 
 @torch.no_grad()
 def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              autocast: Callable[[], ContextManager] | None = None) -> EvalCounts:
-    """Accuracy and summed cross-entropy of ``predict(x) -> logits`` (or scores) over batches."""
+              autocast: Callable[[], ContextManager] | None = None, absent: torch.Tensor | None = None) -> EvalCounts:
+    """Accuracy and summed cross-entropy of ``predict(x) -> logits`` (or scores) over batches.
+
+    ``absent``: a boolean mask over classes (True: the client holds no training sample of it); when given, and the
+    scores have one column per class, the off-class and own-class counts of :class:`EvalCounts` are filled too.
+    """
     ctx = autocast or nullcontext
     out = EvalCounts()
     for x, y in batches:
         with ctx():
             logits = predict(x)
         logits = logits.float()
-        out.correct += int((logits.argmax(1) == y).sum())
+        pred = logits.argmax(1)
+        out.correct += int((pred == y).sum())
         out.total += int(y.numel())
         out.loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
+        if absent is not None and logits.shape[1] == absent.numel():
+            absent = absent.to(logits.device)
+            out.off_class += int(absent[pred].sum())
+            own = logits.masked_fill(absent, float("-inf")).argmax(1) if bool(absent.any()) else pred
+            out.own_correct += int((own == y).sum())
+            out.own_total += int(y.numel())
     return out
