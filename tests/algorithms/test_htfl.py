@@ -131,6 +131,13 @@ def test_fedtgp_reports_nearest_prototype_and_head_accuracy():
     assert last["personalized_acc"] != last["head_acc"]  # two different predictors
 
 
+def test_fedgh_is_judged_with_the_global_header_and_reports_its_own():
+    res = fedforge.run(algorithm="fedgh", run_dir=False, **FAST)
+    last = res.records[-1]
+    assert last["personalized_acc"] is not None and last["head_acc"] is not None
+    assert last["personalized_acc"] != last["head_acc"]  # global header vs the client's own trained header
+
+
 def test_fedkd_svd_codec_keeps_the_energy_threshold():
     torch.manual_seed(0)
     low_rank = torch.randn(64, 6) @ torch.randn(6, 80) + 0.05 * torch.randn(64, 80)

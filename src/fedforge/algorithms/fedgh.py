@@ -6,7 +6,7 @@ their class prototypes:
     client k   loads H as its head, trains (f_k, H_k) with CE on D_k, then uploads
                R_k^c = mean_{(x, y=c) ∈ D_k} f_k(x)                     (trained model, eval mode)
     server     H ← H − η_s ∇ CE(H(R_k^c), c)  over all uploaded (R_k^c, c) pairs, for ``server_epochs`` epochs
-    client k   is judged with (f_k, H)
+    client k   is judged with (f_k, H); ``head_acc`` also reports (f_k, H_k), its own locally trained header
 
 Uploads are prototypes only (``proto/<c>``); downloads are H (``head.*``, (d+1)·C floats for a linear head).
 Every architecture must therefore have the same head. H starts from the initial head of the first architecture
@@ -88,3 +88,11 @@ class FedGH(Algorithm):
     def personal_params(self, msg: Message, state: State) -> Message:
         """The client's feature extractor with the global header."""
         return {**select(model_entries(state), lambda k: not is_head(k)), **model_entries(msg)}
+
+    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
+        """Judged with the global header (the paper); ``head``: with the header the client last trained locally
+        (before the server's replaced it), which separates the extractor's quality from the global header's."""
+        out = super().evaluate(rt, msg, state)
+        rt.load(model_entries(state))
+        out["head"] = rt.evaluate()
+        return out
