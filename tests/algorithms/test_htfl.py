@@ -131,11 +131,16 @@ def test_fedtgp_reports_nearest_prototype_and_head_accuracy():
     assert last["personalized_acc"] != last["head_acc"]  # two different predictors
 
 
-def test_fedgh_is_judged_with_the_global_header_and_reports_its_own():
-    res = fedforge.run(algorithm="fedgh", run_dir=False, **FAST)
+@pytest.mark.parametrize("algorithm", ["fedgh", "fedgen", "lgfedavg"])
+def test_shared_head_methods_also_report_the_clients_own_head(algorithm):
+    res = fedforge.run(algorithm=algorithm, run_dir=False, **FAST)
     last = res.records[-1]
     assert last["personalized_acc"] is not None and last["head_acc"] is not None
-    assert last["personalized_acc"] != last["head_acc"]  # global header vs the client's own trained header
+    assert last["personalized_acc"] != last["head_acc"]  # the shared head vs the client's own trained head
+    if algorithm == "lgfedavg":  # the own head is kept in the state but never sent
+        state = res.store.get(0)
+        assert any(k.startswith("own_head/head.") for k in state)
+        assert not any(k.startswith("head.") for k in state)
 
 
 def test_fedkd_svd_codec_keeps_the_energy_threshold():

@@ -27,8 +27,8 @@ from ..core.context import derive_seed
 from ..core.messages import Message, State, model_entries
 from ..core.params import HyperParams, hp
 from ..core.training import train_loop
-from .mechanics import (is_head, message_to_prototypes, prototype_update, require_common_feature_dim,
-                        require_same_head, select)
+from .mechanics import (evaluate_own_head, is_head, message_to_prototypes, prototype_update,
+                        require_common_feature_dim, require_same_head, select)
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -93,6 +93,7 @@ class FedGH(Algorithm):
         """Judged with the global header (the paper); ``head``: with the header the client last trained locally
         (before the server's replaced it), which separates the extractor's quality from the global header's."""
         out = super().evaluate(rt, msg, state)
-        rt.load(model_entries(state))
-        out["head"] = rt.evaluate()
+        own = evaluate_own_head(rt, state)
+        if own is not None:
+            out["head"] = own
         return out

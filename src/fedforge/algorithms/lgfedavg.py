@@ -3,7 +3,8 @@ Representations", NeurIPS 2019 Workshop on Federated Learning (arXiv:2001.01523)
 
 Each client k keeps its own local representation (the body θ_k^l) and shares the global layers (the head θ^g).
 Per round: client k trains (θ_k^l, θ^g) on its data, uploads θ_k^g only; the server sets θ^g ← Σ_k (n_k / n) θ_k^g.
-A client is judged with (θ_k^l, θ^g). Because only the head crosses the network, clients may own different
+A client is judged with (θ_k^l, θ^g); ``head_acc`` also reports (θ_k^l, θ_k^g), the head it trained itself in its
+last round (kept in its state for that view only, never sent). Because only the head crosses the network, clients may own different
 architectures as long as they share the feature dimension (``heterogeneous = True``; HtFLlib's LG-FedAvg setting).
 
 Departures from the paper, both as in PFLlib/HtFLlib: the local representation is learned by the supervised
@@ -13,7 +14,8 @@ global head starts from random initialisation rather than from a FedAvg-pretrain
 from __future__ import annotations
 
 from ..core.algorithm import register_algorithm
-from .mechanics import is_head
+from ..core.messages import Message, State
+from .mechanics import evaluate_own_head, is_head, keep_own_head
 from ._partial import PartialSharing
 
 
@@ -25,3 +27,14 @@ class LGFedAvg(PartialSharing):
 
     def shares(self, name: str) -> bool:
         return is_head(name)
+
+    def train_client(self, rt, msg: Message, state: State):
+        stats, extra = super().train_client(rt, msg, state)
+        return stats, {**extra, **keep_own_head(rt.model_state())}
+
+    def evaluate(self, rt, msg: Message, state: State):
+        out = super().evaluate(rt, msg, state)
+        own = evaluate_own_head(rt, state)
+        if own is not None:
+            out["head"] = own
+        return out

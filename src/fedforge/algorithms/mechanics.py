@@ -96,6 +96,28 @@ def train_head(rt, epochs: int | None = None):
     return rt.train(loss_fn=head_only_loss, params=params, epochs=epochs)
 
 
+# ------------------------------------------------------------------------------- own-head evaluation
+OWN_HEAD = "own_head/"  # state prefix of a locally trained head kept only for evaluation (never sent)
+
+
+def keep_own_head(params: Mapping[str, torch.Tensor]) -> State:
+    """The head entries of a trained model under :data:`OWN_HEAD`, for a method whose state would not keep them."""
+    return {OWN_HEAD + k: v.detach().clone() for k, v in params.items() if is_head(k)}
+
+
+def evaluate_own_head(rt, state: State):
+    """Accuracy of the client's extractor with the head it trained itself, for methods that judge a client with a
+    shared or server-made head (LG-FedAvg, FedGen, FedGH): it separates the extractor's quality from the shared
+    head's. Reads the head from the state's model entries, or from :data:`OWN_HEAD` entries where the method keeps
+    it apart; ``None`` before a client has trained such a head."""
+    own = {k[len(OWN_HEAD):]: v for k, v in state.items() if k.startswith(OWN_HEAD)}
+    model = {k: v for k, v in state.items() if "/" not in k}
+    if not own and not any(is_head(k) for k in model):
+        return None
+    rt.load({**model, **own})
+    return rt.evaluate()
+
+
 # -------------------------------------------------------------------------------------- proximal
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """mu/2 · Σ ||w − w_anchor||² (differentiable in ``params``)."""
