@@ -519,13 +519,13 @@ class Simulation:
                 rec[f"{name}_acc_min"] = s["min"]
                 rec[f"{name}_acc_max"] = s["max"]
         extra_views = sorted({k for r in results for k in r.counts} - {"global", "personalized"})
+        summaries = {"global": g, "personalized": p}
         for view in extra_views:
-            s = _summ_counts(results, view)
+            summaries[view] = s = _summ_counts(results, view)
             rec[f"{view}_acc"] = s["acc"] if s else None
         # label-skew diagnostics of every view: share of predictions naming a class the client holds no training
         # sample of, and the accuracy with those classes masked out (see EvalCounts)
-        for view in ("global", "personalized", *extra_views):
-            s = _summ_counts(results, view)
+        for view, s in summaries.items():
             if s and s["offclass"] is not None:
                 rec[f"{view}_offclass"] = s["offclass"]
                 rec[f"{view}_ownclass_acc"] = s["ownclass_acc"]
