@@ -36,7 +36,7 @@ from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.context import derive_seed
 from ..core.messages import Message, State, model_entries, under, weighted_average
 from ..core.params import HyperParams, hp
-from .mechanics import HEAD, evaluate_own_head, is_head, require_common_feature_dim, require_same_head, select
+from .mechanics import HEAD, is_head, require_common_feature_dim, require_same_head, select, with_own_head
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -210,7 +210,4 @@ class FedGen(Algorithm):
         """Judged with the averaged head; ``head_acc``: with the head the client trained itself (heterogeneous
         setting, where the state keeps the whole model)."""
         out = super().evaluate(rt, msg, state)
-        own = evaluate_own_head(rt, state) if self.share == "head" else None
-        if own is not None:
-            out["head"] = own
-        return out
+        return with_own_head(out, rt, state) if self.share == "head" else out

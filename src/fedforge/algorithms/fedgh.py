@@ -27,7 +27,7 @@ from ..core.context import derive_seed
 from ..core.messages import Message, State, model_entries
 from ..core.params import HyperParams, hp
 from ..core.training import train_loop
-from .mechanics import (evaluate_own_head, is_head, message_to_prototypes, prototype_update,
+from .mechanics import (is_head, message_to_prototypes, prototype_update, with_own_head,
                         require_common_feature_dim, require_same_head, select)
 
 if TYPE_CHECKING:
@@ -92,8 +92,4 @@ class FedGH(Algorithm):
     def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
         """Judged with the global header (the paper); ``head``: with the header the client last trained locally
         (before the server's replaced it), which separates the extractor's quality from the global header's."""
-        out = super().evaluate(rt, msg, state)
-        own = evaluate_own_head(rt, state)
-        if own is not None:
-            out["head"] = own
-        return out
+        return with_own_head(super().evaluate(rt, msg, state), rt, state)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ..core.algorithm import register_algorithm
 from ..core.messages import Message, State
-from .mechanics import evaluate_own_head, is_head, keep_own_head
+from .mechanics import is_head, keep_own_head, with_own_head
 from ._partial import PartialSharing
 
 
@@ -33,8 +33,4 @@ class LGFedAvg(PartialSharing):
         return stats, {**extra, **keep_own_head(rt.model_state())}
 
     def evaluate(self, rt, msg: Message, state: State):
-        out = super().evaluate(rt, msg, state)
-        own = evaluate_own_head(rt, state)
-        if own is not None:
-            out["head"] = own
-        return out
+        return with_own_head(super().evaluate(rt, msg, state), rt, state)

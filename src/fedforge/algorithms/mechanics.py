@@ -118,6 +118,14 @@ def evaluate_own_head(rt, state: State):
     return rt.evaluate()
 
 
+def with_own_head(out: dict, rt, state: State) -> dict:
+    """``out`` (a method's evaluation views) with ``head``: :func:`evaluate_own_head`, where there is one."""
+    own = evaluate_own_head(rt, state)
+    if own is not None:
+        out["head"] = own
+    return out
+
+
 # -------------------------------------------------------------------------------------- proximal
 def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor], mu: float) -> torch.Tensor:
     """mu/2 · Σ ||w − w_anchor||² (differentiable in ``params``)."""

@@ -124,6 +124,7 @@ def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
     """
     ctx = autocast or nullcontext
     out = EvalCounts()
+    any_absent = absent is not None and bool(absent.any())  # once, not per batch
     for x, y in batches:
         with ctx():
             logits = predict(x)
@@ -135,7 +136,7 @@ def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
         if absent is not None and logits.shape[1] == absent.numel():
             absent = absent.to(logits.device)
             out.off_class += int(absent[pred].sum())
-            own = logits.masked_fill(absent, float("-inf")).argmax(1) if bool(absent.any()) else pred
+            own = logits.masked_fill(absent, float("-inf")).argmax(1) if any_absent else pred
             out.own_correct += int((own == y).sum())
             out.own_total += int(y.numel())
     return out
