@@ -99,6 +99,11 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from .results.rundir import dumps, atomic_write_text
 
     cfg = config_from_args(args)
+    export_dir = getattr(args, "export_pfllib", None)
+    if export_dir:
+        from .data.export import check_export_dir
+
+        check_export_dir(export_dir)  # refuse before any work is done
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.class_subset)
     part = build_partition(cfg, ds)
     stats = part.stats(ds.y, ds.num_classes)
@@ -119,6 +124,10 @@ def cmd_partition(args: argparse.Namespace) -> int:
     sp = stats["samples_per_client"]
     print(f"samples per client: min {sp['min']}, max {sp['max']}, mean {sp['mean']:.1f}, std {sp['std']:.1f}")
     print(f"written: {out / 'partition.npz'}, {out / 'partition_stats.json'}, {out / 'partition.png'}")
+    if export_dir:
+        from .data.export import export_pfllib
+
+        print(f"written in PFLlib's layout: {export_pfllib(ds, part, export_dir, batch_size=cfg.batch_size)}")
     return 0
 
 
@@ -226,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     pa = sub.add_parser("partition", help="partition a dataset, print its statistics, write a heat-map")
     add_config_options(pa)
+    pa.add_argument("--export-pfllib", metavar="DIR", help="also write the split in PFLlib's layout (config.json, "
+                    "train/<i>.npz, test/<i>.npz) into DIR, a new or empty directory or an earlier export")
     pa.set_defaults(func=cmd_partition)
 
     li = sub.add_parser("list", help="list algorithms, datasets, models, partitioners, executors")
