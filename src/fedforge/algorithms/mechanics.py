@@ -66,7 +66,7 @@ def frozen_feature_batches(rt, model: nn.Module | None = None, epochs: int | Non
     m.train()
     with torch.no_grad(), rt.autocast():
         z = torch.cat([m.features(fed.inputs(idx[s:s + chunk])[0]) for s in range(0, idx.numel(), chunk)]) \
-            if idx.numel() else torch.zeros(0)
+            if idx.numel() else torch.zeros(0, device=idx.device)
     y = fed.y[idx]
     z = z.float()
     n_epochs = rt.local_epochs if epochs is None else epochs
@@ -147,22 +147,26 @@ def proximal_grad_hook(anchors: Sequence[torch.Tensor], mu: float):
 # ------------------------------------------------------------------------------------ prototypes
 @torch.no_grad()
 def class_means(features: Callable[[torch.Tensor], torch.Tensor], batches, num_classes: int,
-                normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-class mean of ``features(x)`` over ``batches``: (C, d) means (zero rows for absent classes), (C,) counts."""
-    sums, counts = None, torch.zeros(num_classes, dtype=torch.long)
+                normalize: bool = False, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-class mean of ``features(x)`` over ``batches``: (C, d) means (zero rows for absent classes), (C,) counts.
+
+    Both are on the device of the features (``device`` when there are no batches: then the means are (C, 0))."""
+    sums = counts = None
     for x, y in batches:
         z = features(x).float()
         if normalize:
             z = F.normalize(z, dim=1)
         if sums is None:
             sums = torch.zeros(num_classes, z.shape[1], dtype=torch.float32, device=z.device)
-        sums.index_add_(0, y, z)
-        counts += torch.bincount(y.cpu(), minlength=num_classes)
+            counts = torch.zeros(num_classes, dtype=torch.long, device=z.device)
+        sums.index_add_(0, y.to(z.device), z)
+        counts += torch.bincount(y.to(z.device), minlength=num_classes)
     if sums is None:
-        return torch.zeros(num_classes, 0), counts
-    means = sums / counts.clamp(min=1).to(sums.device).unsqueeze(1).float()
+        return (torch.zeros(num_classes, 0, device=device),
+                torch.zeros(num_classes, dtype=torch.long, device=device))
+    means = sums / counts.clamp(min=1).unsqueeze(1).float()
     if normalize:
-        means = F.normalize(means, dim=1) * (counts > 0).to(means.device).unsqueeze(1)
+        means = F.normalize(means, dim=1) * (counts > 0).unsqueeze(1)
     return means, counts
 
 
@@ -178,7 +182,7 @@ def collect_prototypes(rt, model: nn.Module | None = None, features: Callable | 
     m.eval()
     try:
         return class_means(features or m.features, rt.fed.test_batches(rt.cid, rt.ctx.eval_batch_size, part="train"),
-                           rt.ctx.num_classes, normalize)
+                           rt.ctx.num_classes, normalize, device=rt.device)
     finally:
         m.train(was_training)
 
@@ -282,10 +286,11 @@ def forward_with(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.
 def sq_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], keys: Sequence[str] | None = None) -> float:
     """Σ_k ‖a_k − b_k‖² over the floating entries (float64 accumulation), e.g. ‖θ_j − θ_i‖² between two models."""
     keys = list(keys) if keys is not None else [k for k, v in a.items() if v.is_floating_point()]
-    total = torch.zeros((), dtype=torch.float64)
+    total: torch.Tensor | None = None  # on the tensors' device, read once at the end
     for k in keys:
-        total += (a[k].detach().double() - b[k].detach().double()).pow(2).sum().cpu()
-    return float(total)
+        term = (a[k].detach().double() - b[k].detach().double()).pow(2).sum()
+        total = term if total is None else total + term
+    return float(total) if total is not None else 0.0
 
 
 # --------------------------------------------------------------------------- heterogeneous models
@@ -334,12 +339,16 @@ def require_same_head(ctx, who: str) -> None:
                               f"(e.g. htfe-img-8 instead of htfe-img-8-htc-img-4).")
 
 
-def prototype_matrix(protos: Mapping[int, torch.Tensor], num_classes: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(C, d) matrix of class prototypes (zero rows where absent) and the (C,) mask of classes that have one."""
-    P = torch.zeros(num_classes, dim)
-    mask = torch.zeros(num_classes, dtype=torch.bool)
+def prototype_matrix(protos: Mapping[int, torch.Tensor], num_classes: int, dim: int,
+                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(C, d) matrix of class prototypes (zero rows where absent) and the (C,) mask of classes that have one, on
+    ``device`` (default: the prototypes' device; the CPU when there are none)."""
+    if device is None:
+        device = next(iter(protos.values())).device if protos else torch.device("cpu")
+    P = torch.zeros(num_classes, dim, device=device)
+    mask = torch.zeros(num_classes, dtype=torch.bool, device=device)
     for c, v in protos.items():
-        P[c] = v.detach().float().reshape(-1)
+        P[c] = v.detach().float().reshape(-1).to(P.device)
         mask[c] = True
     return P, mask
 
@@ -352,3 +361,87 @@ def nearest_prototype_scores(z: torch.Tensor, P: torch.Tensor, mask: torch.Tenso
         low = scores.detach().min() - 50.0
         scores = torch.where(mask.to(z.device).unsqueeze(0), scores, low)
     return scores
+
+
+# ------------------------------------------------------------------------------ held-out splits
+def holdout_positions(n: int, count: int, seed: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random split of positions ``0..n-1`` into (held out, rest), ``count`` held out (at most n − 1, so
+    that the rest is never empty), drawn from a generator seeded with ``seed`` (e.g. FedL2G's quiz set)."""
+    count = max(0, min(int(count), n - 1))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    return perm[:count], perm[count:]
+
+
+# ------------------------------------------------------------------------------- feature tensors
+@torch.no_grad()
+def collect_features(features: Callable[[torch.Tensor], torch.Tensor], batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """``features(x)`` of every sample in ``batches`` stacked (N, d) in float32, with the labels (N,)."""
+    zs, ys = [], []
+    for x, y in batches:
+        zs.append(features(x).float().flatten(1))
+        ys.append(y)
+    if not zs:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(zs), torch.cat(ys)
+
+
+def train_features(rt, model: nn.Module | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of the client's training samples under ``model`` (``rt.model`` by default) in eval mode."""
+    m = model if model is not None else rt.model
+    was = m.training
+    m.eval()
+    try:
+        return collect_features(m.features, rt.fed.test_batches(rt.cid, rt.ctx.eval_batch_size, part="train"))
+    finally:
+        m.train(was)
+
+
+def features_and_logits(model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features, logits) of a :class:`~fedforge.models.FedModel` computed with ``params`` (state-dict names) in place
+    of its own parameters, differentiable in ``params`` (a virtual SGD step, as in FedL2G's meta step)."""
+    body = {k[len(BODY):]: v for k, v in params.items() if k.startswith(BODY)}
+    head = {k[len(HEAD):]: v for k, v in params.items() if k.startswith(HEAD)}
+    z = torch.func.functional_call(model.features, body, (x,))
+    return z, torch.func.functional_call(model.head, head, (z,))
+
+
+# -------------------------------------------------------------------------------- hypernetworks
+def hypernet_grads(outputs: Sequence[torch.Tensor], params: Sequence[torch.Tensor],
+                   deltas: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Gradient of a server-side network's parameters through the tensors it generated for a client:
+    (∂θ/∂φ)ᵀ Δθ with Δθ = θ_sent − θ_trained (the client's update taken as the negative gradient at θ_sent, as in
+    pFedHN and pFedLA). Parameters that did not take part get zero gradients."""
+    grads = torch.autograd.grad(list(outputs), list(params), grad_outputs=[d.to(o.dtype) for o, d in zip(outputs, deltas)],
+                                allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+
+
+def sgd_momentum_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], bufs: Sequence[torch.Tensor] | None,
+                      lr: float | Sequence[float], momentum: float = 0.0, weight_decay: float = 0.0,
+                      max_norm: float | None = None) -> list[torch.Tensor] | None:
+    """One step of SGD with (PyTorch-style) momentum and L2 weight decay on a server-side network, gradients clipped
+    to a total norm of ``max_norm`` first. ``bufs`` are the momentum buffers (None before the first step); returns the
+    new buffers (None without momentum). The tensors are changed in place."""
+    grads = [g.detach().clone() for g in grads]
+    if max_norm is not None:
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        grads = [g * scale for g in grads]
+    lrs = [lr] * len(grads) if isinstance(lr, (int, float)) else list(lr)
+    new_bufs = []
+    with torch.no_grad():
+        for i, (p, g) in enumerate(zip(params, grads)):
+            if weight_decay:
+                g = g.add(p, alpha=weight_decay)
+            if momentum:
+                b = g.clone() if bufs is None else bufs[i].mul(momentum).add_(g)
+                new_bufs.append(b)
+                g = b
+            p.add_(g, alpha=-float(lrs[i]))
+    return new_bufs if momentum else None
+
+
+# ------------------------------------------------------------------------------------ warm-up
+def warmup_length(value: float, rounds: int) -> int:
+    """Warm-up rounds from a fraction of the run (0 ≤ value < 1) or a count (value ≥ 1), as pFedSim and FedAP state it."""
+    return int(rounds * value) if value < 1 else int(value)
