@@ -11,14 +11,20 @@ from fedforge.algorithms.fedavg import FedAvg
 from fedforge.cli import main as cli_main
 from fedforge.config import build_config
 from fedforge.core.checkpoint import load_checkpoint
-from fedforge.core.faults import DivergenceError, FaultPlan, RunInterrupted, TooManyFailures, first_nonfinite, run_guarded
+from fedforge.core.executors import SequentialExecutor
+from fedforge.core.faults import (ClientFailure, DivergenceError, FaultPlan, RunInterrupted, TooManyFailures,
+                                 first_nonfinite, run_guarded)
+from fedforge.core.injection import FaultInjector
+from fedforge.core.runtime import Task, WorkerSpec
 from fedforge.core.simulation import Simulation, resume_config
+from tests.support.faults import hooks as fault_hooks
 
 SMALL = dict(dataset="digits", model="mlp", clients=5, batch_size=16, lr=0.05, seed=0, threads=1)
 
 
-def _sim(tmp_path: Path | None, **over) -> Simulation:
-    return Simulation(build_config(overrides={**SMALL, **over}), run_dir=tmp_path if tmp_path else False, progress=False)
+def _sim(tmp_path: Path | None, hooks=None, **over) -> Simulation:
+    return Simulation(build_config(overrides={**SMALL, **over}), run_dir=tmp_path if tmp_path else False, progress=False,
+                      hooks=hooks)
 
 
 def _log(run: Path) -> list[dict]:
@@ -44,16 +50,37 @@ def test_guard_turns_exceptions_into_values():
     def boom():
         raise ValueError("bad batch")
 
-    f = run_guarded(FaultPlan(0, 0.0), 3, 1, boom)
+    f = run_guarded(3, 1, boom)
     assert (f.cid, f.round, f.kind, f.injected) == (1, 3, "error", False)
     assert f.error == "ValueError: bad batch" and "boom" in f.traceback
-    assert run_guarded(FaultPlan(0, 0.0), 3, 1, lambda: 42) == 42
-    ran = []
+    assert run_guarded(3, 1, lambda: 42) == 42
+
+
+def test_injector_fails_the_drawn_tasks_and_only_stragglers_do_the_work():
+    """FaultInjector wraps a real executor: crashed and timed-out clients never reach it; stragglers run and lose."""
+    sim = _sim(None, rounds=1)
+
+    class Counting(SequentialExecutor):
+        ran: list[int] = []
+
+        def map(self, tasks):
+            out = super().map(tasks)
+            self.ran.extend(u.cid for u in out)
+            return out
+
     plan = FaultPlan(0, 1.0)
-    out = [run_guarded(plan, r, 0, lambda: ran.append(1)) for r in range(1, 40)]
-    kinds = {o.kind for o in out}
-    assert kinds == {"exception", "timeout", "straggler"} and all(o.injected and o.traceback is None for o in out)
-    assert len(ran) == sum(o.kind == "straggler" for o in out)  # only stragglers do the work (and lose it)
+    ex = FaultInjector(Counting(threads=1), plan)
+    ex.start(WorkerSpec(sim.ds, sim.partition, sim.algo))
+    tasks = [Task("train", c, r, sim.algo.broadcast(sim.algo.init_server(), c, r), None)
+             for r in range(1, 9) for c in range(5)]
+    out = ex.map(tasks)
+    assert len(out) == len(tasks) and all(isinstance(o, ClientFailure) and o.injected for o in out)
+    assert {o.kind for o in out} == {"exception", "timeout", "straggler"}
+    assert [(o.round, o.cid, o.kind) for o in out] == [(t.round, t.cid, plan.draw(t.round, t.cid)) for t in tasks]
+    assert len(Counting.ran) == sum(o.kind == "straggler" for o in out)  # only stragglers do the work (and lose it)
+    clean = FaultInjector(SequentialExecutor(threads=1), FaultPlan(0, 0.0))
+    clean.start(WorkerSpec(sim.ds, sim.partition, sim.algo))
+    assert not any(isinstance(o, ClientFailure) for o in clean.map(tasks[:3]))
 
 
 def test_first_nonfinite_names_the_tensor():
@@ -145,11 +172,10 @@ def test_when_most_clients_raise_the_run_stops_and_keeps_the_cause(tmp_path, mon
 
 
 # ----------------------------------------------------------------------------------- divergence guard
-def test_a_nan_injected_into_one_upload_is_caught_and_named(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDFORGE_TEST_NAN_AT", "2:3")
+def test_a_nan_injected_into_one_upload_is_caught_and_named(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(DivergenceError) as e:
-        _sim(run, rounds=3, checkpoint_every=1).run()
+        _sim(run, rounds=3, checkpoint_every=1, hooks=fault_hooks(nan_at=(2, 3))).run()
     msg = str(e.value)
     assert "round 2, client 3: uploaded tensor 'features.1.weight' holds NaN" in msg
     assert "checkpoint of round 1 is kept" in msg
@@ -158,10 +184,9 @@ def test_a_nan_injected_into_one_upload_is_caught_and_named(tmp_path, monkeypatc
     assert [(f["round"], f["client"], f["kind"]) for f in _log(run)] == [(2, 3, "nonfinite")]
 
 
-def test_on_nan_skip_leaves_the_offending_client_out(tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDFORGE_TEST_NAN_AT", "2:3")
+def test_on_nan_skip_leaves_the_offending_client_out(tmp_path):
     run = tmp_path / "run"
-    res = _sim(run, rounds=3, on_nan="skip").run()
+    res = _sim(run, rounds=3, on_nan="skip", hooks=fault_hooks(nan_at=(2, 3))).run()
     assert [r["clients"] for r in res.records[1:]] == [5, 4, 5]
     assert all(torch.isfinite(v).all() for v in res.server.values() if v.is_floating_point())
     assert [(f["round"], f["client"], f["kind"]) for f in _log(run)] == [(2, 3, "nonfinite")]

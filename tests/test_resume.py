@@ -1,10 +1,11 @@
 """Exact resume: a run killed (SIGKILL) or stopped (SIGINT/SIGTERM) at any point and resumed gives the same metrics,
 bit for bit, as an uninterrupted run with the same seed.
 
-The runs are real `python -m fedforge run` processes. A test-only environment hook stops them at a named point:
-``FEDFORGE_TEST_DIE_AT=checkpoint-write:2`` kills the process with SIGKILL half-way through its second checkpoint
-write, ``client:K`` before its K-th local update, ``checkpoint-rename:N`` after the N-th checkpoint file is in place
-but before the manifest points at it; ``FEDFORGE_TEST_PAUSE_AT=client:K`` pauses there so that a signal can be sent.
+The runs are real `fedforge run` processes, started through ``tests/support/faults.py``, which wraps the run
+session's executor and checkpoint writer to stop them at a named point: ``--die-at checkpoint-write:2`` kills the
+process with SIGKILL half-way through its second checkpoint write, ``client:K`` before its K-th local update,
+``checkpoint-rename:N`` after the N-th checkpoint file is in place but before the manifest points at it;
+``--pause-at client:K`` pauses there so that a signal can be sent.
 """
 from __future__ import annotations
 
@@ -28,23 +29,26 @@ def _timing(key: str) -> bool:
 
 ARGS = ["--dataset", "digits", "--model", "mlp", "--clients", "4", "--rounds", "6", "--checkpoint-every", "2",
         "--batch-size", "16", "--lr", "0.05", "--seed", "5", "--threads", "1", "--no-progress"]
-HOOKS = ("FEDFORGE_TEST_DIE_AT", "FEDFORGE_TEST_PAUSE_AT", "FEDFORGE_TEST_NAN_AT")
+REPO = Path(__file__).resolve().parents[1]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in HOOKS}
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
     env["PYTHONUNBUFFERED"] = "1"
-    env.update(extra)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
-def _cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "fedforge", "run", *args]
+def _cmd(*args: str, die_at: str | None = None, pause_at: str | None = None) -> list[str]:
+    hooks = [*(["--die-at", die_at] if die_at else []), *(["--pause-at", pause_at] if pause_at else [])]
+    if not hooks:  # a plain run
+        return [sys.executable, "-m", "fedforge", "run", *args]
+    return [sys.executable, "-m", "tests.support.faults", *hooks, "run", *args]
 
 
-def _run(args: list[str], cwd: Path, **hooks: str) -> subprocess.CompletedProcess:
-    p = subprocess.Popen(_cmd(*args), cwd=cwd, env=_env(**hooks), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         text=True, start_new_session=True)
+def _run(args: list[str], cwd: Path, die_at: str | None = None) -> subprocess.CompletedProcess:
+    p = subprocess.Popen(_cmd(*args, die_at=die_at), cwd=cwd, env=_env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
         out, err = p.communicate(timeout=300)
     finally:
@@ -65,7 +69,7 @@ def _reap(p: subprocess.Popen) -> None:
 def _signal_at(args: list[str], cwd: Path, point: str, sig: int, group: bool = False) -> subprocess.CompletedProcess:
     """Run until the pause point, send ``sig`` to the run's process (``group``: to its whole process group, as Ctrl-C
     in a terminal does), and wait for it to stop."""
-    p = subprocess.Popen(_cmd(*args), cwd=cwd, env=_env(FEDFORGE_TEST_PAUSE_AT=point), stdout=subprocess.PIPE,
+    p = subprocess.Popen(_cmd(*args, pause_at=point), cwd=cwd, env=_env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, start_new_session=True)
     lines = []
     try:
@@ -135,13 +139,13 @@ def test_killed_and_stopped_at_many_points_resumes_bit_for_bit(baseline, tmp_pat
     resume = ["--resume", str(run), "--no-progress"]
 
     # 1. SIGKILL in round 1, before the first checkpoint: nothing to resume from but the run directory
-    r = _run([*ARGS, "--out", str(run)], tmp_path, FEDFORGE_TEST_DIE_AT="client:2")
+    r = _run([*ARGS, "--out", str(run)], tmp_path, die_at="client:2")
     assert r.returncode == -signal.SIGKILL
     assert _status(run)["status"] == "running" and not (run / "summary.json").exists()
     assert _ckpt_round(run) is None
 
     # 2. resumed from the start; SIGKILL half-way through writing the checkpoint of round 4
-    r = _run(resume, tmp_path, FEDFORGE_TEST_DIE_AT="checkpoint-write:2")
+    r = _run(resume, tmp_path, die_at="checkpoint-write:2")
     assert r.returncode == -signal.SIGKILL
     assert _ckpt_round(run) == 2  # the previous checkpoint is intact
     assert list((run / "checkpoints").glob("*.tmp")), "the half-written file should be left behind by the kill"
@@ -155,7 +159,7 @@ def test_killed_and_stopped_at_many_points_resumes_bit_for_bit(baseline, tmp_pat
     assert not list((run / "checkpoints").glob("*.tmp"))  # a completed write cleans up the kill's leftovers
 
     # 4. SIGKILL after the round-4 file is in place but before the manifest points at it
-    r = _run(resume, tmp_path, FEDFORGE_TEST_DIE_AT="checkpoint-rename:1")
+    r = _run(resume, tmp_path, die_at="checkpoint-rename:1")
     assert r.returncode == -signal.SIGKILL
     assert _ckpt_round(run) == 3
 
@@ -191,7 +195,7 @@ def test_process_executor_killed_mid_round_resumes_bit_for_bit(baseline, tmp_pat
     r = _signal_at([*args, "--out", str(run)], tmp_path, "client:10", signal.SIGINT, group=True)
     assert r.returncode == 130, r.stderr
     assert "Traceback" not in r.stderr and _ckpt_round(run) == 2
-    r = _run(resume, tmp_path, FEDFORGE_TEST_DIE_AT="round:2")  # SIGKILL at the start of round 4
+    r = _run(resume, tmp_path, die_at="round:2")  # SIGKILL at the start of round 4
     assert r.returncode == -signal.SIGKILL
     assert _ckpt_round(run) == 2
     r = _run(resume, tmp_path)

@@ -1,7 +1,7 @@
 """fedforge: fast, faithful personalized, heterogeneous and generator-assisted federated learning research."""
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 from .config import RunConfig, build_config  # noqa: E402
 from .errors import ConfigError, DataError, FedforgeError, PartitionError  # noqa: E402

@@ -13,53 +13,23 @@ from .errors import FedforgeError
 
 log = logging.getLogger("fedforge")
 
-# Extra sub-commands register here (name → (add_arguments, handler)); see `register_command`.
-COMMANDS: dict[str, tuple[Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int], str]] = {}
-
-
-def register_command(name: str, help: str):
-    """Decorator for a sub-command: ``@register_command("synth", "...")`` on ``def cmd(args)``; the function's
-    ``add_arguments`` attribute (set with ``@cmd.arguments``) fills its parser."""
-
-    def deco(fn: Callable[[argparse.Namespace], int]):
-        COMMANDS[name] = (getattr(fn, "add_arguments", lambda p: None), fn, help)
-
-        def arguments(adder: Callable[[argparse.ArgumentParser], None]):
-            COMMANDS[name] = (adder, fn, help)
-            return adder
-
-        fn.arguments = arguments  # type: ignore[attr-defined]
-        return fn
-
-    return deco
-
-
 # ------------------------------------------------------------------------------------------ options
 def add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per RunConfig field (kebab-case); absent options are not set, so YAML values survive."""
-    g = p.add_argument_group("run options (also YAML keys)")
-    for f in dataclasses.fields(RunConfig):
-        if not f.metadata.get("flag", True):
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
-        default = f.default if f.default is not dataclasses.MISSING else None
-        if "bool" in str(f.type):
-            g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"{help_} (default: {default})")
-        else:
-            g.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           help=f"{help_} (default: {default})")
+    """One option per RunConfig field (kebab-case), generated from its declaration (:mod:`fedforge.options`);
+    absent options are not set, so YAML values survive."""
+    from .options import add_arguments
+
+    add_arguments(p.add_argument_group("run options (also YAML keys)"), RunConfig)
     p.add_argument("--config", help="YAML file of options (command-line options override it)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
                    help="algorithm hyper-parameter, repeatable (e.g. --set mu=0.01)")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from .options import values_from_args
+
     base = load_yaml(args.config) if getattr(args, "config", None) else {}
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    overrides = {k: v for k, v in vars(args).items() if k in names}
-    return build_config(base, overrides, parse_assignments(getattr(args, "set", [])))
+    return build_config(base, values_from_args(args, RunConfig), parse_assignments(getattr(args, "set", [])))
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -76,7 +46,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                             {k: v for k, v in vars(args).items() if k in names}, parse_assignments(getattr(args, "set", [])))
     else:
         cfg = config_from_args(args)
-    sim = Simulation(cfg, run_dir=cfg.out or None, progress=not args.no_progress, resume=resume)
+    sim = Simulation(cfg, run_dir=cfg.out or None, progress=not args.no_progress, resume=resume,
+                     hooks=getattr(args, "hooks", None))
     log.info("%s", sim.describe())
     log.info("run directory: %s", sim.run_dir.path if sim.run_dir else "-")
     res = sim.run()
@@ -160,7 +131,6 @@ def _listing() -> dict[str, Callable[[], list[tuple[str, str]]]]:
         return [(e.name, e.summary) for e in PARTITIONERS.entries()]
 
     def executors_():
-        from . import integrations  # noqa: F401
         from .core import EXECUTORS
 
         return [(e.name, e.summary) for e in EXECUTORS.entries()]
@@ -198,28 +168,55 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .results.report import format_csv, format_text, rows_for
+    from .results.report import find_runs, format_csv, format_text, group_runs, group_table, rows_for, write_report
 
-    rows = rows_for(args.runs)
-    if args.format == "csv":
-        sys.stdout.write(format_csv(rows))
+    runs, skipped = find_runs(args.runs)
+    for path, status in skipped:
+        log.warning("skipped %s: not finished (status: %s)", path, status)
+    if not runs:
+        from .errors import ConfigError
+
+        raise ConfigError(f"no finished run in {', '.join(args.runs)}; a run is finished when it has a summary.json.")
+    if not args.group_by_seed:  # one row per run
+        rows, columns = rows_for([str(p) for p in runs]), None
     else:
-        print(format_text(rows))
+        from .sweep import resolved_params
+
+        groups = group_runs(runs, resolve_params=resolved_params)
+        columns, rows = group_table(groups)
+    if args.format == "csv":
+        sys.stdout.write(format_csv(rows, columns))
+    else:
+        print(format_text(rows, columns))
     if args.csv:
-        Path(args.csv).write_text(format_csv(rows))
+        Path(args.csv).write_text(format_csv(rows, columns))
         print(f"written: {args.csv}")
-    if args.plot:
+    if args.group_by_seed and (args.markdown or args.plot):
+        for path in write_report(groups, markdown=args.markdown, plot=args.plot):
+            print(f"written: {path}")
+    elif args.plot:
         from .results.plots import plot_comparison
         from .results.rundir import RunDir
 
-        plot_comparison({Path(p).name: RunDir(p).read_metrics() for p in args.runs}, args.plot)
+        plot_comparison({p.name: RunDir(p).read_metrics() for p in runs}, args.plot)
         print(f"written: {args.plot}")
+    if args.markdown and not args.group_by_seed:
+        from .results.report import format_markdown, write_markdown
+
+        write_markdown(args.markdown, "# Report\n\n" + format_markdown(rows, columns) + "\n")
+        print(f"written: {args.markdown}")
     return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from .sweep import main_from_args
+
+    return main_from_args(args)
 
 
 # --------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from ._version import __version__
 
     p = argparse.ArgumentParser(prog="fedforge", description="Federated learning research: personalized, heterogeneous, generator-assisted.")
     p.add_argument("--version", action="version", version=f"fedforge {__version__}")
@@ -244,37 +241,44 @@ def build_parser() -> argparse.ArgumentParser:
     li.add_argument("pattern", nargs="?", help="shell-style filter, e.g. 'fed*'")
     li.set_defaults(func=cmd_list)
 
-    rep = sub.add_parser("report", help="compare finished runs (table as text or CSV)")
-    rep.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    rep = sub.add_parser("report", help="compare finished runs: one row per group of seeds, mean ± std (text, CSV, "
+                         "Markdown, plot)")
+    rep.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders that hold them (one level "
+                     "down, e.g. a sweep's --out-dir; unfinished runs there are skipped)")
     rep.add_argument("--format", choices=("text", "csv"), default="text")
+    rep.add_argument("--group-by-seed", action=argparse.BooleanOptionalAction, default=True,
+                     help="one row per group of runs that differ only in their seed, with mean ± std over the seeds "
+                          "(default); --no-group-by-seed: one row per run")
     rep.add_argument("--csv", help="also write the table to this CSV file")
-    rep.add_argument("--plot", help="also write a PNG with one accuracy curve per run")
+    rep.add_argument("--markdown", metavar="FILE", help="also write the table as Markdown (text below "
+                     "<!-- notes --> in an existing FILE is kept)")
+    rep.add_argument("--plot", help="also write a PNG of accuracy per round: one curve per group (mean, ±std band), "
+                     "a panel per view (global, personalized); with --no-group-by-seed one curve per run")
     rep.set_defaults(func=cmd_report)
 
-    _load_plugins()
-    for name, (adder, fn, help_) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_)
-        adder(sp)
-        sp.set_defaults(func=fn)
+    sw = sub.add_parser("sweep", help="run a grid of runs (seeds × hyper-parameters × run options), resumable, "
+                        "then report mean ± std over seeds", formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .sweep import add_arguments as add_sweep_arguments
+
+    add_sweep_arguments(sw)
+    sw.set_defaults(func=cmd_sweep)
+
+    from .commands import COMMANDS
+
+    for e in COMMANDS.entries():
+        sp = sub.add_parser(e.name, help=e.obj.help)
+        e.obj.add_arguments(sp)
+        sp.set_defaults(func=e.obj.run)
     return p
 
 
-def _load_plugins() -> None:
-    """Modules that add sub-commands (imported lazily so that `fedforge run` stays fast)."""
-    import importlib
-
-    for mod in ("fedforge.generative.cli", "fedforge.synth.cli"):
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if not (e.name or "").startswith("fedforge"):
-                raise
-
-
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Any = None) -> int:
+    """The command-line tool. ``hooks`` (a :class:`fedforge.core.simulation.SessionHooks`) wraps parts of a run
+    from outside, e.g. fault injection in tests."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.hooks = hooks
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="fedforge: %(message)s", stream=sys.stderr)
     if args.command is None:  # `fedforge` alone shows help; `fedforge run` runs the default experiment
         parser.print_help()

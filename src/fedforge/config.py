@@ -11,14 +11,8 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError, suggest
-
-
-def opt(default: Any, help: str, flag: bool = True, **checks: Any) -> Any:
-    """A config field with its one-line meaning and range checks (ge, gt, le, lt, choices)."""
-    meta = {"help": help, "flag": flag, **checks}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=meta)
-    return field(default=default, metadata=meta)
+from .options import option as opt
+from .options import validate_fields
 
 
 @dataclass
@@ -61,6 +55,7 @@ class RunConfig:
     precision: str = opt("fp32", "fp32 or bf16 (autocast)", choices=("fp32", "bf16"))
     device: str = opt("cpu", "cpu or cuda[:N]")
     out: str | None = opt(None, "run directory (default: runs/<dataset>_<algorithm>_<time>)")
+    tracker: list = opt([], "experiment tracker: tensorboard, wandb or mlflow (repeatable)")
     params: dict = opt({}, "algorithm hyper-parameters (YAML mapping; --set key=value)", flag=False)
     # reliability (docs/reliability.md)
     checkpoint_every: int = opt(10, "write a resumable checkpoint every N rounds (0: only at the end); always at the end", ge=0)
@@ -76,10 +71,7 @@ class RunConfig:
     def validate(self) -> "RunConfig":
         if isinstance(self.model, (list, tuple)):  # a group written as a YAML list of registry names
             self.model = ",".join(str(m).strip() for m in self.model)
-        for f in fields(self):
-            value = getattr(self, f.name)
-            setattr(self, f.name, _coerce(f, value))
-            _check_range(f, getattr(self, f.name))
+        validate_fields(self)
         if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got '{self.device}'.")
         if not isinstance(self.params, dict):
@@ -96,7 +88,7 @@ class RunConfig:
         d = self.to_dict()
         for k in ("out", "data_root", "download", "workers", "threads", "checkpoint_every", "max_fail_fraction", "on_nan"):
             d.pop(k, None)
-        for k in ("ray_address", "state_store", "state_dir"):  # where the work runs and states live, not results
+        for k in ("ray_address", "state_store", "state_dir", "tracker"):  # where work runs and results go, not results
             d.pop(k, None)
         return d
 
@@ -108,77 +100,6 @@ class RunConfig:
 
 
 _FIELD_NAMES = {f.name for f in fields(RunConfig)}
-
-
-def _type_name(f: dataclasses.Field) -> str:
-    return str(f.type).replace(" | None", "").replace("Optional", "")
-
-
-def _coerce(f: dataclasses.Field, value: Any) -> Any:
-    t = _type_name(f)
-    optional = "None" in str(f.type)
-    if value is None:
-        if optional:
-            return None
-        raise ConfigError(f"{f.name} must not be empty ({f.metadata.get('help', '')}).")
-    try:
-        if t == "bool":
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
-                return value.lower() in ("true", "yes", "1", "on")
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            raise ValueError
-        if t == "int":
-            if isinstance(value, bool):
-                raise ValueError
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            if isinstance(value, (int, str)):
-                return int(value)
-            raise ValueError
-        if t == "float":
-            if isinstance(value, bool):
-                raise ValueError
-            v = float(value)
-            if v != v or v in (float("inf"), float("-inf")):
-                raise ValueError
-            return v
-        if t == "str":
-            if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-                return str(value)
-            raise ValueError
-        if t == "dict":
-            if isinstance(value, dict):
-                return value
-            raise ValueError
-    except (ValueError, TypeError):
-        raise ConfigError(f"{f.name} must be {_article(t)} {t}, got {value!r} ({f.metadata.get('help', '')}).") from None
-    return value
-
-
-def _article(t: str) -> str:
-    return "an" if t[:1] in "aeiou" else "a"
-
-
-def _check_range(f: dataclasses.Field, v: Any) -> None:
-    if v is None:
-        return
-    m = f.metadata
-    bad = None
-    if "ge" in m and v < m["ge"]:
-        bad = f">= {m['ge']}"
-    elif "gt" in m and not v > m["gt"]:
-        bad = f"> {m['gt']}"
-    if "le" in m and v > m["le"]:
-        bad = (bad + " and " if bad else "") + f"<= {m['le']}"
-    elif "lt" in m and not v < m["lt"]:
-        bad = (bad + " and " if bad else "") + f"< {m['lt']}"
-    if bad:
-        raise ConfigError(f"{f.name} must be {bad}, got {v} ({m.get('help', '')}).")
-    if "choices" in m and v not in m["choices"]:
-        raise ConfigError(f"{f.name} must be one of {', '.join(m['choices'])}, got '{v}'{suggest(str(v), m['choices'])}.")
 
 
 def _index_list(value: Any) -> list[int]:

@@ -36,7 +36,7 @@ def provenance() -> dict:
     import numpy
     import torch
 
-    from . import __version__
+    from ._version import __version__
 
     return {
         "fedforge": __version__,

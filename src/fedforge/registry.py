@@ -27,20 +27,23 @@ class Entry(Generic[T]):
 class Registry(Generic[T]):
     """A named collection: ``@REG.register("name")`` adds, ``REG.get("name")`` looks up with suggestions."""
 
-    def __init__(self, kind: str, hint: str = "", populate: str | None = None):
+    def __init__(self, kind: str, hint: str = "", populate: str | tuple[str, ...] | None = None):
         self.kind = kind
         self.hint = hint  # e.g. "see `fedforge list algorithms`"
         self._entries: dict[str, Entry[T]] = {}
-        # a module whose import registers the entries (imported on first use, so that a lower layer can own the
-        # registry without importing the layer that fills it)
-        self._populate = populate
+        # the modules whose import registers the entries (imported on first use, so that a lower layer can own the
+        # registry without importing the layers that fill it, and nothing is registered as a side effect of
+        # importing something else)
+        self.populated_by: tuple[str, ...] = (populate,) if isinstance(populate, str) else tuple(populate or ())
+        self._loaded = not self.populated_by
 
     def _load(self) -> None:
-        if self._populate is not None:
-            mod, self._populate = self._populate, None
+        if not self._loaded:
+            self._loaded = True
             import importlib
 
-            importlib.import_module(mod)
+            for mod in self.populated_by:
+                importlib.import_module(mod)
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
         def deco(obj: T) -> T:

@@ -24,14 +24,13 @@ import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any, BinaryIO, Callable, ContextManager, Iterable, Iterator, Mapping
 
 import numpy as np
 import torch
 
 from .._io import atomic_open, atomic_write_text
 from ..errors import FedforgeError
-from .faults import test_point
 
 FORMAT = "fedforge-checkpoint/1"
 CHECKPOINT_DIR = "checkpoints"
@@ -180,75 +179,88 @@ def _in_order(index: list[list], server: Mapping[str, Any], clients: Iterable[tu
         yield group, cid, key, _as_tensor(group, cid, key, src[key])
 
 
+class CheckpointWriter:
+    """Writes checkpoints. Its two file operations are methods so that a wrapper can act between them (tests kill
+    the process half-way through the data, or after the file is in place but before the manifest points at it)."""
+
+    def open_data(self, path: Path, size: int) -> ContextManager[BinaryIO]:
+        """The file the checkpoint's ``size`` bytes are written to; it replaces ``path`` when the block ends."""
+        return atomic_open(path)
+
+    def write_manifest(self, path: Path, text: str) -> None:
+        atomic_write_text(path, text)
+
+    def save(self, run_dir: str | os.PathLike, rnd: int, server: Mapping[str, torch.Tensor],
+             clients: Callable[[], Iterable[tuple[int, Mapping[str, torch.Tensor]]]], info: dict[str, Any],
+             final: bool = False) -> Path:
+        """Write the checkpoint of round ``rnd`` atomically and make it the current one; return its path.
+
+        ``clients`` is a callable returning a fresh iterable of (cid, state): it is walked twice (once for the
+        header, once for the data), so that no more than one tensor is held in memory at a time.
+        """
+        folder = Path(run_dir) / CHECKPOINT_DIR
+        folder.mkdir(parents=True, exist_ok=True)
+        rng_meta, rng_tensors = capture_rng()
+
+        # pass 1: the header (names, dtypes, shapes, offsets) and the index of what each tensor is
+        header: dict[str, Any] = {}
+        index: list[list] = []
+        client_ids: list[int] = []
+        offset = 0
+        for i, (group, cid, key, t) in enumerate(_entries(server, _with_ids(clients(), client_ids), rng_tensors)):
+            n = t.numel() * t.element_size()
+            header[f"t{i}"] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+            index.append([group, cid, key])
+            offset += n
+        doc = {"format": FORMAT, "round": int(rnd), "final": bool(final),
+               "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "clients": client_ids, "index": index,
+               "rng": rng_meta, "info": info}
+        header["__metadata__"] = {"fedforge": json.dumps(doc, allow_nan=False, separators=(",", ":"))}
+        head = json.dumps(header, separators=(",", ":")).encode()
+        head += b" " * (-len(head) % 8)
+
+        name = f"round-{int(rnd):06d}{'-final' if final else ''}.safetensors"
+        path = folder / name
+        digest = hashlib.sha256()
+        with self.open_data(path, 8 + len(head) + offset) as f:
+            def write(b: bytes | memoryview) -> None:
+                digest.update(b)
+                f.write(b)
+
+            write(len(head).to_bytes(8, "little"))
+            write(head)
+            written = 0
+            # pass 2 writes in pass 1's order, looked up by name: a store may hand out a state's keys in a different
+            # order each time it is read (safetensors does), so the order is never taken from the second reading
+            for i, (group, cid, key, t) in enumerate(_in_order(index, server, clients(), rng_tensors)):
+                spec = header[f"t{i}"]
+                if _DTYPES[t.dtype] != spec["dtype"] or list(t.shape) != spec["shape"]:
+                    raise CheckpointError(f"{group} state entry '{key}' changed while the checkpoint was being "
+                                          f"written; this is a bug in the state store.")
+                b = _tensor_bytes(t)
+                write(b)
+                written += len(b)
+            if written != offset:
+                raise CheckpointError("a client state changed while its checkpoint was being written; "
+                                      "this is a bug in the state store.")
+        manifest = {"format": FORMAT, "round": int(rnd), "final": bool(final), "file": name,
+                    "bytes": 8 + len(head) + offset, "sha256": digest.hexdigest()}
+        self.write_manifest(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        _fsync_dir(folder)
+        for old in folder.iterdir():  # the previous checkpoint and any temporary file a kill left behind
+            if old.name != name and old.name != MANIFEST and (_FILE_RE.match(old.name) or old.name.endswith(".tmp")):
+                try:
+                    old.unlink()
+                except OSError:
+                    pass
+        return path
+
+
 def save_checkpoint(run_dir: str | os.PathLike, rnd: int, server: Mapping[str, torch.Tensor],
-                    clients: Callable[[], Iterable[tuple[int, Mapping[str, torch.Tensor]]]], info: dict[str, Any], final: bool = False) -> Path:
-    """Write the checkpoint of round ``rnd`` atomically and make it the current one; return its path.
-
-    ``clients`` is a callable returning a fresh iterable of (cid, state): it is walked twice (once for the header,
-    once for the data), so that no more than one tensor is held in memory at a time.
-    """
-    folder = Path(run_dir) / CHECKPOINT_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    rng_meta, rng_tensors = capture_rng()
-
-    # pass 1: the header (names, dtypes, shapes, offsets) and the index of what each tensor is
-    header: dict[str, Any] = {}
-    index: list[list] = []
-    client_ids: list[int] = []
-    offset = 0
-    for i, (group, cid, key, t) in enumerate(_entries(server, _with_ids(clients(), client_ids), rng_tensors)):
-        n = t.numel() * t.element_size()
-        header[f"t{i}"] = {"dtype": _DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        index.append([group, cid, key])
-        offset += n
-    doc = {"format": FORMAT, "round": int(rnd), "final": bool(final), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-           "clients": client_ids, "index": index, "rng": rng_meta, "info": info}
-    header["__metadata__"] = {"fedforge": json.dumps(doc, allow_nan=False, separators=(",", ":"))}
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-
-    name = f"round-{int(rnd):06d}{'-final' if final else ''}.safetensors"
-    path = folder / name
-    digest = hashlib.sha256()
-    with atomic_open(path) as f:
-        def write(b: bytes | memoryview) -> None:
-            digest.update(b)
-            f.write(b)
-
-        write(len(head).to_bytes(8, "little"))
-        write(head)
-        written = 0
-        half = offset // 2
-        died = False
-        # pass 2 writes in pass 1's order, looked up by name: a store may hand out a state's keys in a different
-        # order each time it is read (safetensors does), so the order is never taken from the second reading
-        for i, (group, cid, key, t) in enumerate(_in_order(index, server, clients(), rng_tensors)):
-            spec = header[f"t{i}"]
-            if _DTYPES[t.dtype] != spec["dtype"] or list(t.shape) != spec["shape"]:
-                raise CheckpointError(f"{group} state entry '{key}' changed while the checkpoint was being written; "
-                                      f"this is a bug in the state store.")
-            b = _tensor_bytes(t)
-            write(b)
-            written += len(b)
-            if not died and written >= half:
-                died = True
-                f.flush()
-                test_point("checkpoint-write")  # tests: die half-way through the data
-        if written != offset:
-            raise CheckpointError("a client state changed while its checkpoint was being written; "
-                                  "this is a bug in the state store.")
-    test_point("checkpoint-rename")  # tests: die after the file is in place, before the manifest points at it
-    manifest = {"format": FORMAT, "round": int(rnd), "final": bool(final), "file": name,
-                "bytes": 8 + len(head) + offset, "sha256": digest.hexdigest()}
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    _fsync_dir(folder)
-    for old in folder.iterdir():  # the previous checkpoint and any temporary file a kill left behind
-        if old.name != name and old.name != MANIFEST and (_FILE_RE.match(old.name) or old.name.endswith(".tmp")):
-            try:
-                old.unlink()
-            except OSError:
-                pass
-    return path
+                    clients: Callable[[], Iterable[tuple[int, Mapping[str, torch.Tensor]]]], info: dict[str, Any],
+                    final: bool = False) -> Path:
+    """:meth:`CheckpointWriter.save` with the plain writer."""
+    return CheckpointWriter().save(run_dir, rnd, server, clients, info, final)
 
 
 def _with_ids(items: Iterable[tuple[int, Mapping[str, Any]]], out: list[int]) -> Iterator[tuple[int, Mapping[str, Any]]]:

@@ -23,7 +23,9 @@ from .runtime import Task, Worker, WorkerSpec
 
 log = logging.getLogger("fedforge")
 
-EXECUTORS: Registry[type["Executor"]] = Registry("executor", "choose sequential, process, ray or vectorized")
+EXECUTORS: Registry[type["Executor"]] = Registry("executor", "choose sequential, process, ray or vectorized",
+                                                  populate=("fedforge.core.vectorized",
+                                                            "fedforge.integrations.ray"))
 
 
 def usable_cores() -> int:
@@ -470,13 +472,9 @@ class ProcessExecutor(Executor):
 
 def make_executor(cfg: Any) -> Executor:
     """The executor a run config asks for (``executor``, ``workers``, ``threads`` and, for Ray, ``ray_address``)."""
-    from .. import integrations  # noqa: F401  (registers the Ray executor; ray itself is imported only when used)
-
     cls = EXECUTORS.get(cfg.executor)
     options = {}
     if getattr(cfg, "ray_address", None):
         options["address"] = cfg.ray_address
     return cls(workers=cfg.workers, threads=cfg.threads, **options)
 
-
-from . import vectorized  # noqa: E402,F401  (registers the vectorized executor)

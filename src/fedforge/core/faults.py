@@ -1,26 +1,21 @@
-"""Reliability: client failures (injected and real), the divergence guard, stop requests (signals), test hooks.
+"""Reliability: client failures, the divergence guard, stop requests (signals).
 
+* :func:`run_guarded` runs one local update in a worker and turns any exception into a :class:`ClientFailure` value,
+  so that every executor returns it like a result and the round goes on without that client.
 * :class:`FaultPlan` decides, from ``(seed, round, client)`` alone, whether a client's local update fails and how
   (``exception``: it crashes before training; ``timeout``: it never answers; ``straggler``: it trains but answers
   after the round's deadline). The draw does not depend on the executor, the cohort or earlier rounds, so a resumed
-  run injects exactly the failures an uninterrupted one does.
-* :func:`run_guarded` runs one local update in a worker and turns any exception (injected or real) into a
-  :class:`ClientFailure` value, so that every executor returns it like a result and the round goes on.
+  run injects exactly the failures an uninterrupted one does. :class:`fedforge.core.injection.FaultInjector` applies
+  it around any executor (``--fail-rate``).
 * :func:`first_nonfinite` finds the first NaN/Inf tensor of a state or message (the divergence guard).
 * :class:`StopSignals` turns SIGINT/SIGTERM into a stop request that the round loop honours after the current
   client: it writes a checkpoint and exits with 128 + the signal number.
-* :func:`test_point` is a hook for tests only: ``FEDFORGE_TEST_DIE_AT=checkpoint-write:2`` kills the process with
-  SIGKILL the second time that point is reached; ``FEDFORGE_TEST_PAUSE_AT=client:3`` pauses there (until a stop is
-  requested, at most 60 s). Without those variables it does nothing.
 """
 from __future__ import annotations
 
 import math
-import os
 import signal
-import sys
 import threading
-import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
@@ -108,40 +103,23 @@ class FaultPlan:
         return FAULT_KINDS[int(rng.integers(len(FAULT_KINDS)))]
 
 
-def run_guarded(plan: FaultPlan | None, rnd: int, cid: int, update: Callable[[], Any]) -> Any:
+def run_guarded(rnd: int, cid: int, update: Callable[[], Any]) -> Any:
     """Run ``update()`` (one client's local update); return its result or a :class:`ClientFailure`."""
-    kind = plan.draw(rnd, cid) if plan is not None else None
     try:
-        if kind == "exception":
-            raise InjectedFault("injected failure: the client crashed during its local update")
-        if kind == "timeout":
-            raise ClientTimeout("injected timeout: the client did not answer within the round's deadline")
-        result = update()
-        _test_nan(rnd, cid, result)
-        if kind == "straggler":
-            raise ClientTimeout("injected straggler: the client finished after the round's deadline; its update is discarded")
-        return result
+        return update()
     except Exception as e:  # noqa: BLE001 - a failing client must never stop the round by itself
-        injected = isinstance(e, InjectedFault) and kind is not None
-        return ClientFailure(cid, rnd, kind if injected else "error", f"{type(e).__name__}: {e}", injected,
-                             None if injected else traceback.format_exc(), e)
+        return ClientFailure(cid, rnd, "error", f"{type(e).__name__}: {e}", False, traceback.format_exc(), e)
 
 
-def _test_nan(rnd: int, cid: int, result: Any) -> None:
-    """Test hook: ``FEDFORGE_TEST_NAN_AT=ROUND:CLIENT`` puts a NaN into that client's first uploaded float tensor."""
-    spec = os.environ.get("FEDFORGE_TEST_NAN_AT")
-    if not spec or ":" not in spec:
-        return
-    r, c = spec.split(":", 1)
-    if (r.strip(), c.strip()) != (str(rnd), str(cid)):
-        return
-    upload = getattr(result, "upload", None) or {}
-    for k, v in upload.items():
-        if torch.is_tensor(v) and v.is_floating_point() and v.numel():
-            v = v.clone()
-            v.view(-1)[0] = float("nan")
-            upload[k] = v
-            return
+def injected_failure(kind: str, rnd: int, cid: int) -> ClientFailure:
+    """The failure that an injected fault of ``kind`` leaves in place of a client's result."""
+    exc: InjectedFault = {
+        "exception": InjectedFault("injected failure: the client crashed during its local update"),
+        "timeout": ClientTimeout("injected timeout: the client did not answer within the round's deadline"),
+        "straggler": ClientTimeout("injected straggler: the client finished after the round's deadline; its update "
+                                   "is discarded"),
+    }[kind]
+    return ClientFailure(cid, rnd, kind, f"{type(exc).__name__}: {exc}", True, None, exc)
 
 
 # ---------------------------------------------------------------------------------- divergence guard
@@ -204,48 +182,6 @@ def signal_name(signum: int) -> str:
         return signal.Signals(signum).name
     except ValueError:
         return f"signal {signum}"
-
-
-# ----------------------------------------------------------------------------------------- test hooks
-_hits: dict[str, int] = {}
-_stop_requested: Callable[[], bool] = lambda: False  # noqa: E731 - set by the running simulation
-
-
-def set_stop_probe(probe: Callable[[], bool]) -> None:
-    global _stop_requested
-    _stop_requested = probe
-
-
-def _matches(var: str, point: str) -> bool:
-    spec = os.environ.get(var)
-    if not spec:
-        return False
-    name, _, n = spec.partition(":")
-    if name != point:
-        return False
-    try:
-        return _hits[point] == int(n or 1)
-    except ValueError:
-        return False
-
-
-def test_point(point: str) -> None:
-    """Count a named point; die (SIGKILL) or pause there when a test asked for it. A no-op in normal runs."""
-    if "FEDFORGE_TEST_DIE_AT" not in os.environ and "FEDFORGE_TEST_PAUSE_AT" not in os.environ:
-        return
-    _hits[point] = _hits.get(point, 0) + 1
-    if _matches("FEDFORGE_TEST_DIE_AT", point):
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-        time.sleep(10)  # SIGKILL is delivered asynchronously; never go on
-    if _matches("FEDFORGE_TEST_PAUSE_AT", point):
-        print(f"fedforge-test: paused at {point}:{_hits[point]}", file=sys.stderr, flush=True)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not _stop_requested():
-            time.sleep(0.02)
-
-
-test_point.__test__ = False  # type: ignore[attr-defined]  # not a pytest test
 
 
 class AlreadyComplete(FedforgeError):

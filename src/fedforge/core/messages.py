@@ -43,6 +43,14 @@ def model_entries(d: Mapping[str, torch.Tensor]) -> Message:
     return {k: v for k, v in d.items() if "/" not in k}
 
 
+def to_device(d: Mapping[str, torch.Tensor] | None, device: str | torch.device) -> Message | None:
+    """The same entries on ``device`` (tensors already there are passed as they are, not copied)."""
+    if d is None:
+        return None
+    dev = torch.device(device)
+    return {k: v if v.device == dev else v.to(dev) for k, v in d.items()}
+
+
 def detach_clone(d: Mapping[str, torch.Tensor]) -> Message:
     return {k: v.detach().clone() for k, v in d.items()}
 

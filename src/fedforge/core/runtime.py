@@ -13,10 +13,12 @@ from ..data import Dataset, Federation, Partition
 from ..models import FedModel
 from .algorithm import Algorithm, EvalResult, Update
 from .context import Context, derive_seed
-from .messages import Message, State
+from .faults import ClientFailure, run_guarded
+from .messages import Message, State, to_device
 from .training import EvalCounts, GradHook, LossFn, TrainStats, eval_loop, train_loop
 
 TASK_KINDS = {"train": 1, "eval": 2, "finetune": 3}
+CPU = torch.device("cpu")
 
 
 @dataclass
@@ -39,7 +41,6 @@ class WorkerSpec:
     algorithm: Algorithm
     augment: bool = False
     threads: int = 0
-    faults: Any = None  # a core.faults.FaultPlan: train tasks then return failures as ClientFailure values
 
 
 def task_seed(seed: int, rnd: int, cid: int, kind: str) -> int:
@@ -74,11 +75,12 @@ class Worker:
             self._inits[arch] = {k: v.detach().clone() for k, v in self.ctx.build_model(arch).to(self.device).state_dict().items()}
         return self._inits[arch]
 
-    def run(self, task: Task) -> Update | EvalResult | State:
-        if task.kind == "train" and self.spec.faults is not None:
-            from .faults import run_guarded
-
-            return run_guarded(self.spec.faults, task.round, task.cid, lambda: self._run(task))
+    def run(self, task: Task) -> Update | EvalResult | State | ClientFailure:
+        """Run one task. The device contract: the task's message and state arrive on the CPU and are handed to the
+        algorithm's hooks on this worker's device; uploads and states go back on the CPU. A train task that raises
+        becomes a :class:`~fedforge.core.faults.ClientFailure` value, so that the round goes on without it."""
+        if task.kind == "train":
+            return run_guarded(task.round, task.cid, lambda: self._run(task))
         return self._run(task)
 
     def _run(self, task: Task) -> Update | EvalResult | State:
@@ -87,16 +89,24 @@ class Worker:
         random.seed(seed)
         np.random.seed(seed % (2**32))
         rt = ClientRuntime(self, task.cid, task.round, seed)
-        state = task.state if task.state is not None else self.algo.init_client(rt)
+        msg = to_device(task.message, self.device)
+        state = to_device(task.state, self.device) if task.state is not None else self.algo.init_client(rt)
         if task.kind == "train":
-            upd = self.algo.local_update(rt, task.message, state)
+            upd = self.algo.local_update(rt, msg, state)
             upd.cid = task.cid
-            return upd
+            return self.finish(upd)
         if task.kind == "eval":
-            return EvalResult(task.cid, self.algo.evaluate(rt, task.message, state))
+            return EvalResult(task.cid, self.algo.evaluate(rt, msg, state))
         if task.kind == "finetune":
-            return self.algo.finetune(rt, task.message, state)
+            return to_device(self.algo.finetune(rt, msg, state), CPU)
         raise ValueError(f"unknown task kind {task.kind}")
+
+    @staticmethod
+    def finish(upd: Update) -> Update:
+        """An update as it leaves the worker: upload and state on the CPU."""
+        upd.upload = to_device(upd.upload, CPU)
+        upd.state = to_device(upd.state, CPU)
+        return upd
 
 
 class ClientRuntime:
@@ -203,6 +213,7 @@ class ClientRuntime:
         absent = self.class_counts("train") == 0
         if bool(absent.all()):  # a client without training data: nothing to call off-class
             absent = None
-        return eval_loop(predict or m, self.eval_batches(part), autocast=self.autocast, absent=absent)
+        return eval_loop(predict or m, self.eval_batches(part), autocast=self.autocast, absent=absent,
+                         num_classes=self.ctx.num_classes)
 
 

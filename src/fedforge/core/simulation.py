@@ -1,17 +1,20 @@
-"""The round loop, written once: sample → broadcast → local update → aggregate → evaluate (on a schedule)."""
+"""The run session: everything around the round loop (:mod:`fedforge.core.engine`) for one experiment.
+
+Set-up (dataset, partition, algorithm), the run directory (config, partition and its statistics, metrics, failures,
+artifacts, summary, plots), checkpoints and exact resume with identity checks, run status, signals, the run lock,
+the progress bar and trackers. The session subscribes to the engine's events; it never runs a round itself.
+"""
 from __future__ import annotations
 
 import inspect
 import json
 import logging
-import math
 import os
-import random
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,18 +25,20 @@ from ..data.partition import PARTITIONERS, default_min_samples, plot_heatmap
 from ..errors import ConfigError, PartitionError
 from ..models import resolve_architectures
 from ..results import RunDir, summarize
-from ..results.rundir import STATUS_FILE, atomic_write_text, dumps
 from ..results.plots import plot_curves
-from .algorithm import ALGORITHMS, Algorithm, EvalResult, Update
-from .checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, load_checkpoint, restore_rng, save_checkpoint
-from .context import Context, derive_seed
-from .executors import EXECUTORS, Executor, make_executor
-from .faults import (AlreadyComplete, ClientFailure, DivergenceError, FaultPlan, RunInterrupted, RunStopped, StopSignals,
-                     TooManyFailures, first_nonfinite, nonfinite_number, set_stop_probe, signal_name, test_point)
-from .messages import nbytes, numel
-from .runtime import Task, WorkerSpec
-from .store import MemoryStore, StateStore, open_store
-from .training import EvalCounts
+from ..results.rundir import STATUS_FILE, atomic_write_text, dumps
+from .algorithm import ALGORITHMS, Algorithm
+from .checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, CheckpointWriter, load_checkpoint, restore_rng
+from .context import Context
+from .engine import FailureStop, Progress, RoundEngine, Schedule, StopRequested, select_clients
+from .executors import Executor, make_executor
+from .faults import (AlreadyComplete, ClientFailure, FaultPlan, RunInterrupted, RunStopped, StopSignals,
+                     TooManyFailures, signal_name)
+from .injection import FaultInjector
+from .messages import to_device
+from .runtime import WorkerSpec
+from .store import MemoryStore, open_store
+from .tracking import open_trackers
 
 log = logging.getLogger("fedforge")
 
@@ -94,56 +99,36 @@ class RunResult:
     store: StateStore | None = field(default=None, repr=False)
 
 
-def _summ_counts(results: list[EvalResult], key: str) -> dict[str, float] | None:
-    counts = [(r.cid, r.counts[key]) for r in results if key in r.counts]
-    if not counts:
-        return None
-    correct = sum(c.correct for _, c in counts)
-    total = sum(c.total for _, c in counts)
-    accs = np.array([c.acc for _, c in counts if c.total > 0], dtype=np.float64)
-    own_total = sum(c.own_total for _, c in counts)
-    return {
-        "offclass": sum(c.off_class for _, c in counts) / own_total if own_total else None,
-        "ownclass_acc": sum(c.own_correct for _, c in counts) / own_total if own_total else None,
-        "acc": correct / total if total else float("nan"),
-        "loss": sum(c.loss_sum for _, c in counts) / total if total else float("nan"),
-        "std": float(accs.std()) if len(accs) else float("nan"),
-        "min": float(accs.min()) if len(accs) else float("nan"),
-        "max": float(accs.max()) if len(accs) else float("nan"),
-    }
-
-
 @dataclass
-class _Progress:
-    """Everything that carries from one round to the next: exactly what a checkpoint holds."""
+class SessionHooks:
+    """Ways to wrap parts of a run from outside, without test points inside them: fault injection in tests,
+    instrumentation. ``wrap_executor(executor, session)`` returns the executor the engine uses; ``checkpoint_writer``
+    replaces the plain :class:`CheckpointWriter`; ``listeners`` receive the engine's events too."""
 
-    round: int  # the last completed round (0: none yet)
-    server: dict
-    store: StateStore
-    records: list[dict] = field(default_factory=list)
-    totals: dict = field(default_factory=lambda: {"bytes_up_total": 0, "bytes_down_total": 0, "params_up_total": 0,
-                                                  "params_down_total": 0})
-    train_seconds: float = 0.0
-    failures: list[dict] = field(default_factory=list)
-    round_info: dict = field(default_factory=lambda: {"loss": None, "bytes_up": 0, "bytes_down": 0, "params_up": 0,
-                                                      "params_down": 0, "clients": 0})
-    finetuned: bool = False
+    wrap_executor: Callable[[Executor, "Simulation"], Executor] | None = None
+    checkpoint_writer: CheckpointWriter | None = None
+    listeners: list = field(default_factory=list)
 
 
 class Simulation:
-    """Runs one configured experiment in this process (client work goes through an executor).
+    """The run session of one configured experiment: it sets the experiment up (dataset, partition, algorithm),
+    owns its run directory (config, partition, metrics, checkpoints, status, summary, plots, trackers), resume,
+    signals and the progress bar, and subscribes to the events of the :class:`~fedforge.core.engine.RoundEngine`,
+    which runs the rounds (client work goes through an executor).
 
     ``resume=RUN_DIR`` continues that run from its last checkpoint (or from the start when it has none); the
     config must match the one the run was started with (``RunConfig.identity()``), except for fields that do not
-    change results (checkpoint_every, max_fail_fraction, on_nan, workers, threads, ...).
+    change results (checkpoint_every, max_fail_fraction, on_nan, workers, threads, trackers, ...).
     """
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path | None | bool = None, progress: bool = True,
                  dataset: Dataset | None = None, executor: Executor | None = None,
-                 on_record: Callable[[dict], None] | None = None, resume: str | Path | None = None):
+                 on_record: Callable[[dict], None] | None = None, resume: str | Path | None = None,
+                 hooks: SessionHooks | None = None):
         self.cfg = cfg.validate()
         self.progress = progress
         self.on_record = on_record
+        self.hooks = hooks or SessionHooks()
         self.resuming = resume is not None
         _check_device(self.cfg.device)
         saved: RunConfig | None = None
@@ -164,7 +149,12 @@ class Simulation:
         empty = [i for i, a in enumerate(self.partition.train) if len(a) == 0]
         if empty:
             raise PartitionError(f"client {empty[0]} has no training samples; lower --clients or raise --min-samples.")
+        self.trackers = open_trackers(self.cfg.tracker)
+        if self.trackers and run_dir is False:
+            raise ConfigError("trackers log a run directory's records and plots; give the run a directory (--out), "
+                              "or leave --tracker out.")
         self._executor = executor
+        self.writer = self.hooks.checkpoint_writer or CheckpointWriter()
         self.run_dir: RunDir | None = None
         self.checkpoint: Checkpoint | None = None
         self._lock: _RunLock | None = None
@@ -187,6 +177,8 @@ class Simulation:
         self._saved_at: tuple[int, bool] | None = None  # (round, finetuned) of the checkpoint on disk
         if self.checkpoint is not None:
             self._saved_at = (self.checkpoint.round, bool(self.checkpoint.info.get("finetuned")))
+        self._bar: Any = None
+        self._t_start = time.perf_counter()
 
     # ------------------------------------------------------------------------------------------ public
     def describe(self) -> str:
@@ -195,6 +187,20 @@ class Simulation:
         arch = archs[0] if len(archs) == 1 else f"{len(archs)} architectures ({', '.join(archs)})"
         return (f"{self.algo.name} on {self.ds.name} ({len(self.ds.y):,} samples, {self.ds.num_classes} classes), "
                 f"{self.ctx.num_clients} clients, model {arch}: {model.num_parameters():,} parameters")
+
+    @property
+    def schedule(self) -> Schedule:
+        c = self.cfg
+        return Schedule(c.seed, c.rounds, c.join_ratio, c.random_join, c.drop_rate, c.eval_every, c.on_nan,
+                        c.max_fail_fraction)
+
+    def select_clients(self, rnd: int) -> tuple[list[int], list[int]]:
+        """(clients that train and report, clients that drop out after receiving the model) for round ``rnd``."""
+        return select_clients(self.schedule, self.ctx.num_clients, rnd)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop is not None
 
     def request_stop(self, signum: int = signal.SIGINT) -> None:
         """Ask the run to stop after the current client: it writes a checkpoint and raises :class:`RunInterrupted`."""
@@ -218,74 +224,55 @@ class Simulation:
                 self._lock = None
 
     def _run(self) -> RunResult:
-        cfg = self.cfg
-        rd = self.run_dir
+        cfg, rd = self.cfg, self.run_dir
         if rd is not None:
-            if self.resuming:
-                self._write_resume_setup(rd)
-            else:
-                self._write_setup(rd)
-        executor = self._executor or make_executor(cfg)
-        prog: _Progress | None = None
-        set_stop_probe(lambda: self._stop is not None)
-        t_start = time.perf_counter()
+            self._write_resume_setup(rd) if self.resuming else self._write_setup(rd)
+        executor = self._make_executor()
+        if self.checkpoint is not None:
+            self._t_start -= float(self.checkpoint.info.get("elapsed", 0.0))
+        engine = RoundEngine(self.algo, self.schedule, executor, listeners=[self, *self.hooks.listeners],
+                             should_stop=lambda: self._stop is not None,
+                             clock=lambda: time.perf_counter() - self._t_start)
+        prog: Progress | None = None
         try:
             with StopSignals(self._on_signal):
-                executor.start(WorkerSpec(self.ds, self.partition, self.algo, cfg.augment, cfg.threads,
-                                          faults=FaultPlan(cfg.seed, cfg.fail_rate)))
-                prog = self._start(executor)
-                t_start -= float(self.checkpoint.info.get("elapsed", 0.0)) if self.checkpoint is not None else 0.0
-                self._t_start = t_start
-                bar = self._bar(prog.round)
-                if prog.round == 0 and not prog.records and self._due(0):
-                    prog.records.append(self._record(0, executor, prog))
-                    self._emit(prog.records, rd)
-                for rnd in range(prog.round + 1, cfg.rounds + 1):
-                    self._check_stop(prog)
-                    test_point("round")
-                    t0 = time.perf_counter()
-                    server, info, failures = self._round(rnd, executor, prog)
-                    prog.server, prog.round, prog.round_info = server, rnd, info
-                    prog.failures.extend(f.to_json() for f in failures)
-                    for k in ("bytes_up", "bytes_down", "params_up", "params_down"):
-                        prog.totals[f"{k}_total"] += info[k]
-                    prog.train_seconds += time.perf_counter() - t0
-                    if self._due(rnd):
-                        prog.records.append(self._record(rnd, executor, prog))
-                        self._emit(prog.records, rd)
-                    if rnd == cfg.rounds or (cfg.checkpoint_every and rnd % cfg.checkpoint_every == 0):
-                        self._save(prog)
-                    if bar is not None:
-                        bar.update(1)
-                        last = prog.records[-1] if prog.records else {}
-                        post = {k[:4]: f"{last[k]:.3f}" for k in ("global_acc", "personalized_acc") if last.get(k) is not None}
-                        bar.set_postfix(post, refresh=False)
-                if bar is not None:
-                    bar.close()
-                self._check_stop(prog)
-                if self.algo.has_finetune and not prog.finetuned:
-                    self._finetune(executor, prog)
-                if self._saved_at != (prog.round, prog.finetuned):
-                    self._save(prog)
+                executor.start(WorkerSpec(self.ds, self.partition, self.algo, cfg.augment, cfg.threads))
+                prog = self._start(engine)
+                self._track("start", _jsonable(cfg.to_dict()), rd.path if rd else None, self.resuming)
+                self._bar = self._progress_bar(prog.round)
+                try:
+                    engine.run(prog)
+                except StopRequested:
+                    self._save_if_new(prog)
+                    raise self._interrupted(prog) from None
+                except FailureStop as e:
+                    raise self._failed(prog, e) from e.error.__cause__
+                if self._bar is not None:
+                    self._bar.close()
+                self._save_if_new(prog)
         except (RunInterrupted, RunStopped) as e:
             if rd is not None:
                 if isinstance(e, RunInterrupted):
                     rd.set_status("interrupted", error=str(e), checkpoint_round=self._saved_round)
                 else:
                     rd.set_status("failed", error=str(e), checkpoint_round=self._saved_round, resumable=True)
+            self._track("finish", None, rd.path if rd else None, "interrupted" if isinstance(e, RunInterrupted) else "failed")
             raise
         except BaseException as e:
             if rd is not None:
                 status = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 rd.set_status(status, error=f"{type(e).__name__}: {e}", checkpoint_round=self._saved_round,
                               resumable=self._saved_at is not None)
+            self._track("finish", None, rd.path if rd else None, "failed")
             raise
         finally:
-            set_stop_probe(lambda: False)
             executor.close()
-        wall = time.perf_counter() - t_start
-        records = prog.records
-        summary = summarize(records, rounds=cfg.rounds, wall_seconds=wall,
+        return self._finish(prog)
+
+    def _finish(self, prog: Progress) -> RunResult:
+        cfg, rd = self.cfg, self.run_dir
+        wall = time.perf_counter() - self._t_start
+        summary = summarize(prog.records, rounds=cfg.rounds, wall_seconds=wall,
                             extra={"algorithm": cfg.algorithm, "dataset": self.ds.name, "model": cfg.model,
                                    "clients": self.ctx.num_clients, "seed": cfg.seed, "train_seconds": prog.train_seconds,
                                    "failed_updates": len(prog.failures)})
@@ -293,38 +280,78 @@ class Simulation:
             rd.write_json("summary.json", summary)
             try:
                 server_keys = [k for k in self.algo.server_metrics(prog.server) if "seconds" not in k]
-                plot_curves(records, rd.file("curves.png"), title=f"{cfg.algorithm} · {self.ds.name}",
+                plot_curves(prog.records, rd.file("curves.png"), title=f"{cfg.algorithm} · {self.ds.name}",
                             server_keys=server_keys)
             except Exception as e:  # a plot must never lose a finished run
                 log.warning("could not draw curves.png (%s)", e)
             rd.set_status("complete", wall_seconds=wall)
-        return RunResult(summary, records, rd.path if rd else None, prog.server, prog.store)
+        self._track("finish", summary, rd.path if rd else None, "complete")
+        return RunResult(summary, prog.records, rd.path if rd else None, prog.server, prog.store)
+
+    def _make_executor(self) -> Executor:
+        executor = self._executor or make_executor(self.cfg)
+        if self.cfg.fail_rate > 0:
+            executor = FaultInjector(executor, FaultPlan(self.cfg.seed, self.cfg.fail_rate))
+        if self.hooks.wrap_executor is not None:
+            executor = self.hooks.wrap_executor(executor, self)
+        return executor
+
+    # ---------------------------------------------------------------------------------- engine events
+    def updates_received(self, rnd: int, updates: list, failures: list[ClientFailure]) -> None:
+        if not failures:
+            return
+        if self.run_dir is not None:
+            with open(self.run_dir.file(FAILURES_FILE), "a") as f:
+                for x in failures:
+                    f.write(dumps(x.to_json(), indent=None) + "\n")
+        log.warning("round %d: %d client(s) left out (%s)", rnd, len(failures),
+                    ", ".join(f"client {f.cid}: {f.kind}" for f in failures))
+
+    def record_written(self, rec: dict, prog: Progress) -> None:
+        self._write_artifacts(rec["round"], prog.server)
+        if self.run_dir is not None:
+            self.run_dir.write_metrics(prog.records)
+        if self.on_record is not None:
+            self.on_record(rec)
+        self._track("log", rec)
+
+    def round_finished(self, rnd: int, prog: Progress) -> None:
+        every = self.cfg.checkpoint_every
+        if rnd == self.cfg.rounds or (every and rnd % every == 0):
+            self._save(prog)
+        if self._bar is not None:
+            self._bar.update(1)
+            last = prog.records[-1] if prog.records else {}
+            post = {k[:4]: f"{last[k]:.3f}" for k in ("global_acc", "personalized_acc") if last.get(k) is not None}
+            self._bar.set_postfix(post, refresh=False)
+
+    def _track(self, method: str, *args: Any) -> None:
+        """Hand an event to every tracker; a tracker's failure never loses the run (it is logged)."""
+        for t in self.trackers:
+            try:
+                getattr(t, method)(*args)
+            except Exception as e:  # noqa: BLE001
+                log.warning("tracker %s: %s failed (%s: %s)", t.name, method, type(e).__name__, e)
 
     # ------------------------------------------------------------------------------- start and resume
-    def _new_store(self) -> StateStore:
-        """An empty state store for this run (a resumed run refills it from its checkpoint)."""
+    def _start(self, engine: RoundEngine) -> Progress:
+        server = engine.start()
         rd = self.run_dir.path if self.run_dir is not None else None
-        return open_store(self.cfg.state_store, self.cfg.state_dir, rd, fresh=not self.resuming, clear=self.resuming)
-
-    def _start(self, executor: Executor) -> _Progress:
-        self._seed_server(0, "init")
-        server = self.algo.init_server()
-        store = self._new_store()
+        store = open_store(self.cfg.state_store, self.cfg.state_dir, rd, fresh=not self.resuming, clear=self.resuming)
         ck = self.checkpoint
         if ck is None:
-            return _Progress(0, server, store)
+            return Progress(0, server, store)
         for cid, state in ck.client_states():
             store.put(cid, state)
         restore_rng(ck.rng.get("meta", {}), ck.rng.get("tensors", {}))
-        prog = _Progress(ck.round, dict(ck.server), store, **self._restored)
         log.info("resuming from the checkpoint of round %d of %d", ck.round, self.cfg.rounds)
-        return prog
+        return Progress(ck.round, to_device(ck.server, engine.device), store, **self._restored)
 
     @property
     def _saved_round(self) -> int | None:
         return self._saved_at[0] if self._saved_at else None
 
-    def _save(self, prog: _Progress) -> None:
+    def _save(self, prog: Progress) -> None:
         """Write the checkpoint of ``prog`` (the state at the end of round ``prog.round``)."""
         if self.run_dir is None:
             return
@@ -332,222 +359,39 @@ class Simulation:
                 "train_seconds": prog.train_seconds, "elapsed": time.perf_counter() - self._t_start,
                 "failures": prog.failures, "round_info": prog.round_info, "finetuned": prog.finetuned,
                 "rounds": self.cfg.rounds}
-        save_checkpoint(self.run_dir.path, prog.round, prog.server, prog.store.items, _jsonable(info),
-                        final=prog.finetuned)
+        self.writer.save(self.run_dir.path, prog.round, to_device(prog.server, "cpu"), prog.store.items,
+                         _jsonable(info), final=prog.finetuned)
         self._saved_at = (prog.round, prog.finetuned)
 
-    def _check_stop(self, prog: _Progress) -> None:
-        """At a round boundary: if a stop was requested, write a checkpoint and raise :class:`RunInterrupted`."""
-        if self._stop is None:
-            return
+    def _save_if_new(self, prog: Progress) -> None:
         if self._saved_at != (prog.round, prog.finetuned):
             self._save(prog)
-        raise self._interrupted(prog)
 
-    def _interrupted(self, prog: _Progress) -> RunInterrupted:
-        name = signal_name(self._stop or signal.SIGINT)
+    def _interrupted(self, prog: Progress) -> RunInterrupted:
+        signum = self._stop or signal.SIGINT
+        name = signal_name(signum)
         if self.run_dir is None:
             return RunInterrupted(f"stopped by {name} after round {prog.round} of {self.cfg.rounds}; this run keeps no "
-                                  f"run directory, so it cannot be resumed.", self._stop or signal.SIGINT)
+                                  f"run directory, so it cannot be resumed.", signum)
         return RunInterrupted(f"stopped by {name} after round {prog.round} of {self.cfg.rounds}; checkpoint of round "
                               f"{self._saved_round} written; resume with: fedforge run --resume {self.run_dir.path}",
-                              self._stop or signal.SIGINT)
+                              signum)
 
-    def _stop_for_failures(self, prog: _Progress, message: str, cls: type[RunStopped]) -> RunStopped:
-        """Save the state at the end of the last completed round (still untouched) and build the error to raise."""
+    def _failed(self, prog: Progress, stop: FailureStop) -> RunStopped:
+        """The error to raise for a round that could not go on, after saving the last completed round where that is
+        asked (its state is untouched by the failed round)."""
+        err, message = stop.error, str(stop.error)
+        if not stop.keep:
+            kept = self._saved_round if self._saved_round is not None else "none"
+            return type(err)(f"{message}; the last good checkpoint (round {kept}) is kept (lower --lr and start again).")
         if self.run_dir is None:
-            return cls(message)
-        if self._saved_at != (prog.round, prog.finetuned):
-            self._save(prog)
-        return cls(f"{message}; the checkpoint of round {self._saved_round} is kept: resume with "
-                   f"`fedforge run --resume {self.run_dir.path}` (options that do not change results, such as "
-                   f"--max-fail-fraction or --on-nan, may be changed).")
-
-    def _seed_server(self, rnd: int, phase: str, cid: int = -1) -> None:
-        """Server-side hooks draw from streams derived from (seed, round, phase[, client]), never from leftovers of
-        earlier work, so results do not depend on the executor or on whether the run was resumed."""
-        s = derive_seed(self.cfg.seed, rnd, "server", phase, cid)
-        torch.manual_seed(s)
-        random.seed(s)
-        np.random.seed(s % (2**32))
-
-    # ------------------------------------------------------------------------------------------- steps
-    def select_clients(self, rnd: int) -> tuple[list[int], list[int]]:
-        """(clients that train and report, clients that drop out after receiving the model) for round ``rnd``."""
-        cfg, n = self.cfg, self.ctx.num_clients
-        rng = np.random.default_rng(derive_seed(cfg.seed, rnd, "select"))
-        k = max(1, int(cfg.join_ratio * n + 1e-9))
-        if cfg.random_join and k < n:
-            k = int(rng.integers(k, n + 1))
-        chosen = sorted(int(c) for c in rng.choice(n, size=k, replace=False)) if k < n else list(range(n))
-        if cfg.drop_rate > 0:
-            drop = rng.random(len(chosen)) < cfg.drop_rate
-            return [c for c, d in zip(chosen, drop) if not d], [c for c, d in zip(chosen, drop) if d]
-        return chosen, []
-
-    def _dispatch(self, tasks: list[Task]) -> Iterator[Task]:
-        """Hand tasks to the executor one by one; stop handing them out once a stop was requested."""
-        for t in tasks:
-            if self._stop is not None:
-                return
-            test_point("client")
-            if self._stop is not None:
-                return
-            yield t
-
-    def _round(self, rnd: int, executor: Executor, prog: _Progress) -> tuple[dict, dict, list[ClientFailure]]:
-        """One round. Nothing in ``prog`` changes until every client's result is in and has passed the checks."""
-        cfg = self.cfg
-        active, dropped = self.select_clients(rnd)
-        self._seed_server(rnd, "broadcast")
-        msgs = {cid: self.algo.broadcast(prog.server, cid, rnd) for cid in active + dropped}
-        info: dict[str, Any] = {"bytes_down": sum(nbytes(m) for m in msgs.values()),
-                                "params_down": sum(numel(m) for m in msgs.values())}
-        tasks = [Task("train", cid, rnd, msgs[cid], prog.store.get(cid)) for cid in active]
-        try:
-            results = executor.map(self._dispatch(tasks))
-        except Exception:
-            if self._stop is not None:  # e.g. Ctrl-C reached pool workers too: the round is abandoned, redone on resume
-                self._check_stop(prog)
-            raise
-        if len(results) < len(tasks):  # a stop request cut the round short: it is abandoned, redone on resume
-            self._check_stop(prog)
-            raise RuntimeError(f"the {executor.name or 'executor'} executor returned {len(results)} results for {len(tasks)} tasks")
-        updates: list[Update] = []
-        failures: list[ClientFailure] = []
-        for r in results:
-            if isinstance(r, ClientFailure):
-                failures.append(r)
-                continue
-            bad = _nonfinite_update(r)
-            if bad is not None:
-                what = f"round {rnd}, client {r.cid}: {bad}"
-                failures.append(ClientFailure(r.cid, rnd, "nonfinite", what))
-                if cfg.on_nan == "stop":
-                    self._log_failures(failures)
-                    raise self._stop_for_failures(prog, f"the run diverged: {what} (lower --lr, or pass --on-nan skip "
-                                                  f"to leave such clients out)", DivergenceError)
-                continue
-            updates.append(r)
-        self._log_failures(failures)
-        if active and len(failures) > cfg.max_fail_fraction * len(active):
-            first = failures[0]
-            cause = first.exc if first.exc is not None and not first.injected else None
-            err = self._stop_for_failures(
-                prog, f"round {rnd}: {len(failures)} of {len(active)} clients failed, more than --max-fail-fraction "
-                      f"{cfg.max_fail_fraction:g} allows (first: client {first.cid}, {first.error})"
-                      + (f"; see {self.run_dir.file(FAILURES_FILE)}" if self.run_dir is not None else ""), TooManyFailures)
-            raise err from cause
-        if failures:
-            log.warning("round %d: %d of %d clients left out (%s)", rnd, len(failures), len(active),
-                        ", ".join(f"client {f.cid}: {f.kind}" for f in failures))
-        for u in updates:
-            if u.state is not None:
-                prog.store.put(u.cid, u.state)
-        info["bytes_up"] = sum(nbytes(u.upload) for u in updates)
-        info["params_up"] = sum(numel(u.upload) for u in updates)
-        samples = sum(u.metrics.get("samples", 0) for u in updates)
-        info["loss"] = (sum(u.metrics.get("loss", 0.0) * u.metrics.get("samples", 0) for u in updates) / samples) if samples else None
-        info["clients"] = len(updates)
-        # communication per participating client: downloads over the clients that received a message, uploads
-        # over the clients that reported (the per-round figures above are sums over them)
-        for k, n in (("bytes_down", len(msgs)), ("params_down", len(msgs)), ("bytes_up", len(updates)),
-                     ("params_up", len(updates))):
-            info[f"{k}_per_client"] = info[k] / n if n else 0.0
-        info["dropped"] = len(dropped)
-        info["failed"] = len(failures)
-        self._seed_server(rnd, "aggregate")
-        server = self.algo.aggregate(prog.server, updates, rnd)
-        bad_server = first_nonfinite(server)
-        if bad_server is not None:
-            name, kind = bad_server
-            raise DivergenceError(
-                f"the run diverged: round {rnd}: the aggregated server state tensor '{name}' holds {kind}; "
-                f"the last good checkpoint (round {self._saved_round if self._saved_round is not None else 'none'}) "
-                f"is kept (lower --lr and start again).")
-        return server, info, failures
-
-    def _log_failures(self, failures: list[ClientFailure]) -> None:
-        if self.run_dir is None or not failures:
-            return
-        with open(self.run_dir.file(FAILURES_FILE), "a") as f:
-            for x in failures:
-                f.write(dumps(x.to_json(), indent=None) + "\n")
-
-    def _finetune(self, executor: Executor, prog: _Progress) -> None:
-        cfg = self.cfg
-        tasks = (Task("finetune", cid, cfg.rounds + 1, self._eval_message(prog.server, cid, cfg.rounds + 1, "finetune"),
-                      prog.store.get(cid))
-                 for cid in range(self.ctx.num_clients))  # lazily: a disk store never holds every state at once
-        for cid, state in zip(range(self.ctx.num_clients), executor.imap(tasks)):
-            prog.store.put(cid, state)
-        rec = self._record(cfg.rounds, executor, prog, {**prog.round_info, "bytes_up": 0, "bytes_down": 0,
-                                                        "params_up": 0, "params_down": 0})
-        rec["stage"] = "finetune"
-        prog.records.append(rec)
-        prog.finetuned = True
-        self._emit(prog.records, self.run_dir)
-
-    def evaluate(self, executor: Executor, server: dict, store: StateStore, rnd: int) -> list[EvalResult]:
-        tasks = (Task("eval", cid, rnd, self._eval_message(server, cid, rnd, "eval"), store.get(cid))
-                 for cid in range(self.ctx.num_clients))
-        return list(executor.imap(tasks))  # lazily: a disk store never holds every state at once
-
-    def _eval_message(self, server: dict, cid: int, rnd: int, phase: str):
-        # tasks are made lazily, between other clients' work (which reseeds this process's streams in the
-        # sequential executor): seed per client so that the message never depends on what ran before
-        self._seed_server(rnd, phase, cid)
-        return self.algo.eval_message(server, cid)
-
-    def _record(self, rnd: int, executor: Executor, prog: _Progress, info: dict | None = None) -> dict:
-        info = prog.round_info if info is None else info
-        t0 = time.perf_counter()
-        results = self.evaluate(executor, prog.server, prog.store, rnd)
-        g = _summ_counts(results, "global")
-        p = _summ_counts(results, "personalized")
-        rec: dict[str, Any] = {
-            "round": rnd,
-            "global_acc": g["acc"] if g else None,
-            "personalized_acc": p["acc"] if p else None,
-            "loss": info.get("loss"),
-            "global_loss": g["loss"] if g else None,
-            "personalized_loss": p["loss"] if p else None,
-        }
-        for name, s in (("global", g), ("personalized", p)):
-            if s:
-                rec[f"{name}_acc_std"] = s["std"]
-                rec[f"{name}_acc_min"] = s["min"]
-                rec[f"{name}_acc_max"] = s["max"]
-        extra_views = sorted({k for r in results for k in r.counts} - {"global", "personalized"})
-        summaries = {"global": g, "personalized": p}
-        for view in extra_views:
-            summaries[view] = s = _summ_counts(results, view)
-            rec[f"{view}_acc"] = s["acc"] if s else None
-        # label-skew diagnostics of every view: share of predictions naming a class the client holds no training
-        # sample of, and the accuracy with those classes masked out (see EvalCounts)
-        for view, s in summaries.items():
-            if s and s["offclass"] is not None:
-                rec[f"{view}_offclass"] = s["offclass"]
-                rec[f"{view}_ownclass_acc"] = s["ownclass_acc"]
-        rec |= {"bytes_up": info.get("bytes_up", 0), "bytes_down": info.get("bytes_down", 0),
-                "params_up": info.get("params_up", 0), "params_down": info.get("params_down", 0),
-                "clients": info.get("clients", 0)}
-        rec |= {f"{k}_per_client": info.get(f"{k}_per_client", 0.0)
-                for k in ("bytes_up", "bytes_down", "params_up", "params_down")}
-        if info.get("failed"):
-            rec["failed"] = info["failed"]
-        rec |= prog.totals
-        self._seed_server(rnd, "metrics")
-        rec |= self.algo.server_metrics(prog.server)
-        self._write_artifacts(rnd, prog.server)
-        rec["eval_seconds"] = time.perf_counter() - t0
-        rec["train_seconds"] = prog.train_seconds
-        rec["seconds"] = time.perf_counter() - self._t_start
-        for k in ("global_acc", "personalized_acc"):
-            v = rec.get(k)
-            if v is not None and not math.isfinite(v):
-                rec[k] = None
-        return rec
+            return err
+        if isinstance(err, TooManyFailures):
+            message += f"; see {self.run_dir.file(FAILURES_FILE)}"
+        self._save_if_new(prog)
+        return type(err)(f"{message}; the checkpoint of round {self._saved_round} is kept: resume with "
+                         f"`fedforge run --resume {self.run_dir.path}` (options that do not change results, such as "
+                         f"--max-fail-fraction or --on-nan, may be changed).")
 
     def _write_artifacts(self, rnd: int, server: dict) -> None:
         """Images an algorithm wants kept (``Algorithm.artifacts``), as ``artifacts/<name>_round<r>.png``."""
@@ -560,16 +404,7 @@ class Simulation:
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(np.asarray(image).squeeze()).save(path)
 
-    def _due(self, rnd: int) -> bool:
-        return rnd == 0 or rnd % self.cfg.eval_every == 0 or rnd == self.cfg.rounds
-
-    def _emit(self, records: list[dict], rd: RunDir | None) -> None:
-        if rd is not None:
-            rd.write_metrics(records)
-        if self.on_record is not None:
-            self.on_record(records[-1])
-
-    def _bar(self, start: int = 0):
+    def _progress_bar(self, start: int = 0) -> Any:
         if not self.progress or self.cfg.rounds == 0:
             return None
         from tqdm.auto import tqdm
@@ -631,17 +466,18 @@ class Simulation:
                 rd.file(stale).unlink()
 
 
+
 FAILURES_FILE = "failures.jsonl"
 
 
 def _restored_fields(ck: Checkpoint, rounds: int) -> dict[str, Any]:
-    """The JSON part of a checkpoint as _Progress fields, checked (a hand-edited or foreign file is refused)."""
+    """The JSON part of a checkpoint as Progress fields, checked (a hand-edited or foreign file is refused)."""
     info = ck.info
     fix = f"delete {ck.path.parent if ck.path else CHECKPOINT_DIR} to restart the run from round 0"
     try:
         out = {"records": list(info.get("records", [])), "totals": dict(info["totals"]),
                "train_seconds": float(info.get("train_seconds", 0.0)), "failures": list(info.get("failures", [])),
-               "round_info": dict(info.get("round_info") or _Progress(0, {}, MemoryStore()).round_info),
+               "round_info": dict(info.get("round_info") or Progress(0, {}, MemoryStore()).round_info),
                "finetuned": bool(info.get("finetuned"))}
         if not all(isinstance(r, dict) for r in out["records"]) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in out["totals"].values()):
@@ -695,20 +531,6 @@ def _check_device(device: str) -> None:
     if index >= torch.cuda.device_count():
         raise ConfigError(f"--device {device} names GPU {index}, but this machine has {torch.cuda.device_count()} "
                           f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
-
-
-def _nonfinite_update(u: Update) -> str | None:
-    """What is non-finite in a client's result (its loss, an uploaded tensor, a state tensor), or None."""
-    loss = u.metrics.get("loss") if isinstance(u.metrics, dict) else None
-    if nonfinite_number(loss):
-        return f"the training loss is {'NaN' if loss != loss else 'Inf'}"
-    bad = first_nonfinite(u.upload)
-    if bad is not None:
-        return f"uploaded tensor '{bad[0]}' holds {bad[1]}"
-    bad = first_nonfinite(u.state)
-    if bad is not None:
-        return f"client state tensor '{bad[0]}' holds {bad[1]}"
-    return None
 
 
 def _jsonable(obj: Any) -> Any:

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     loss_fn = loss_fn or cross_entropy
     ctx = autocast or nullcontext
     model.train(train_mode)
-    total = torch.zeros((), dtype=torch.float64)
+    total: torch.Tensor | None = None  # summed loss, kept on the loss's device and read once at the end
     samples = steps = 0
     for x, y in batches:
         with ctx():
@@ -74,7 +75,8 @@ def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
             torch._foreach_mul_(grads, scale)
         sgd_step(params, grads, lr)
         n = int(y.shape[0])
-        total += loss.detach().double() * n
+        term = loss.detach().double() * n
+        total = term if total is None else total + term
         samples += n
         steps += 1
     return TrainStats(float(total / samples) if samples else 0.0, samples, steps)
@@ -100,6 +102,10 @@ class EvalCounts:
     of, as :meth:`ClientRuntime.evaluate` does): ``off_class`` predictions that name such an absent class, and
     ``own_correct`` answers that are right once the absent classes' scores are masked out, both out of
     ``own_total`` samples (0 where they were not counted).
+
+    Where the scores have one column per class: ``confusion`` (true class × predicted class counts, for macro-F1
+    over the pooled predictions) and ``auc``, the client's micro-averaged one-vs-rest ROC-AUC of the softmax scores
+    (as PFLlib reports it; pooled over clients weighted by their test samples).
     """
 
     correct: int = 0
@@ -108,23 +114,53 @@ class EvalCounts:
     off_class: int = 0
     own_correct: int = 0
     own_total: int = 0
+    confusion: np.ndarray | None = None
+    auc: float = float("nan")
 
     @property
     def acc(self) -> float:
         return self.correct / self.total if self.total else float("nan")
 
 
+def micro_auc(probs: np.ndarray, y: np.ndarray) -> float:
+    """Micro-averaged one-vs-rest ROC-AUC (scikit-learn's) of (N, C) scores; NaN where it is undefined."""
+    from sklearn.metrics import roc_auc_score
+
+    n, c = probs.shape
+    if n == 0 or c < 2:
+        return float("nan")
+    onehot = np.zeros((n, c), dtype=np.int8)
+    onehot[np.arange(n), y] = 1
+    return float(roc_auc_score(onehot, probs, average="micro"))
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """Mean F1 over the classes that occur as a label or a prediction (scikit-learn's ``average='macro'``)."""
+    tp = np.diag(confusion).astype(np.float64)
+    fp = confusion.sum(0) - tp
+    fn = confusion.sum(1) - tp
+    seen = (confusion.sum(0) + confusion.sum(1)) > 0
+    if not seen.any():
+        return float("nan")
+    f1 = np.divide(2 * tp, 2 * tp + fp + fn, out=np.zeros_like(tp), where=(2 * tp + fp + fn) > 0)
+    return float(f1[seen].mean())
+
+
 @torch.no_grad()
 def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              autocast: Callable[[], ContextManager] | None = None, absent: torch.Tensor | None = None) -> EvalCounts:
+              autocast: Callable[[], ContextManager] | None = None, absent: torch.Tensor | None = None,
+              num_classes: int | None = None) -> EvalCounts:
     """Accuracy and summed cross-entropy of ``predict(x) -> logits`` (or scores) over batches.
 
     ``absent``: a boolean mask over classes (True: the client holds no training sample of it); when given, and the
     scores have one column per class, the off-class and own-class counts of :class:`EvalCounts` are filled too.
+    ``num_classes``: when given and the scores have that many columns, the confusion matrix and the AUC are filled.
     """
     ctx = autocast or nullcontext
     out = EvalCounts()
     any_absent = absent is not None and bool(absent.any())  # once, not per batch
+    probs: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
     for x, y in batches:
         with ctx():
             logits = predict(x)
@@ -139,4 +175,71 @@ def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
             own = logits.masked_fill(absent, float("-inf")).argmax(1) if any_absent else pred
             out.own_correct += int((own == y).sum())
             out.own_total += int(y.numel())
+        if num_classes is not None and logits.shape[1] == num_classes:
+            probs.append(logits.softmax(1).cpu())
+            labels.append(y.cpu())
+    if probs:
+        p, t = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        out.confusion = np.bincount(t * num_classes + p.argmax(1), minlength=num_classes * num_classes) \
+            .reshape(num_classes, num_classes)
+        out.auc = micro_auc(p, t)
     return out
+
+
+def summarize_counts(results: Iterable[Any]) -> dict[str, Any]:
+    """One evaluation's metrics over all clients (``results``: objects with ``counts: {view: EvalCounts}``).
+
+    For the ``global`` and ``personalized`` views: ``<view>_acc`` (pooled over all test samples), ``<view>_loss``,
+    and the spread of the clients' accuracies (``_acc_std``, ``_acc_min``, ``_acc_max``); ``<view>_acc`` for any
+    further view; for every view that has them, the label-skew diagnostics ``<view>_offclass`` and
+    ``<view>_ownclass_acc`` (see :class:`EvalCounts`), ``<view>_auc`` (clients' AUCs weighted by their test
+    samples) and ``<view>_macro_f1`` (over the pooled confusion matrix).
+    """
+    results = list(results)
+    views = {k: [r.counts[k] for r in results if k in r.counts] for r in results for k in r.counts}
+    main = ("global", "personalized")
+    rec: dict[str, Any] = {}
+    summ = {v: _summarize_view(views.get(v, [])) for v in sorted(views.keys() | set(main), key=lambda v: (v not in main, v))}
+    for v in main:
+        rec[f"{v}_acc"] = summ[v]["acc"] if summ[v] else None
+    for v in main:
+        rec[f"{v}_loss"] = summ[v]["loss"] if summ[v] else None
+    for v in main:
+        if summ[v]:
+            rec |= {f"{v}_acc_{k}": summ[v][k] for k in ("std", "min", "max")}
+    for v, s in summ.items():
+        if v not in main:
+            rec[f"{v}_acc"] = s["acc"] if s else None
+    for v, s in summ.items():
+        if s and s["offclass"] is not None:
+            rec[f"{v}_offclass"] = s["offclass"]
+            rec[f"{v}_ownclass_acc"] = s["ownclass_acc"]
+    for v, s in summ.items():
+        if s and s["auc"] is not None:
+            rec[f"{v}_auc"] = s["auc"]
+        if s and s["macro_f1"] is not None:
+            rec[f"{v}_macro_f1"] = s["macro_f1"]
+    return rec
+
+
+def _summarize_view(counts: list[EvalCounts]) -> dict[str, Any] | None:
+    if not counts:
+        return None
+    correct = sum(c.correct for c in counts)
+    total = sum(c.total for c in counts)
+    accs = np.array([c.acc for c in counts if c.total > 0], dtype=np.float64)
+    own_total = sum(c.own_total for c in counts)
+    with_auc = [c for c in counts if c.total > 0 and np.isfinite(c.auc)]
+    auc_n = sum(c.total for c in with_auc)
+    confusions = [c.confusion for c in counts if c.confusion is not None]
+    return {
+        "acc": correct / total if total else float("nan"),
+        "loss": sum(c.loss_sum for c in counts) / total if total else float("nan"),
+        "std": float(accs.std()) if len(accs) else float("nan"),
+        "min": float(accs.min()) if len(accs) else float("nan"),
+        "max": float(accs.max()) if len(accs) else float("nan"),
+        "offclass": sum(c.off_class for c in counts) / own_total if own_total else None,
+        "ownclass_acc": sum(c.own_correct for c in counts) / own_total if own_total else None,
+        "auc": sum(c.auc * c.total for c in with_auc) / auc_n if auc_n else None,
+        "macro_f1": macro_f1(sum(confusions[1:], confusions[0])) if confusions else None,
+    }

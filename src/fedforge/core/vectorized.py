@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from .executors import EXECUTORS, Executor, SequentialExecutor, release_memory, task_threads, torch_threads
-from .runtime import ClientRuntime, Task, WorkerSpec, task_seed
+from .messages import to_device
+from .runtime import ClientRuntime, Task, Worker, WorkerSpec, task_seed
 from .training import TrainStats
 
 log = logging.getLogger("fedforge")
@@ -112,11 +113,7 @@ class VectorizedExecutor(Executor):
     def _train(self, tasks: list[Task]) -> list[Any]:
         out: list[Any] = [None] * len(tasks)
         groups: dict[str, list[int]] = {}
-        faults = getattr(self.worker.spec, "faults", None)
         for i, t in enumerate(tasks):
-            if faults is not None and faults.draw(t.round, t.cid) is not None:
-                out[i] = self.seq.map([t])[0]  # an injected failure: the worker's own guarded path
-                continue
             groups.setdefault(self.algo.ctx.arch(t.cid), []).append(i)
         for arch, idx in groups.items():
             if self._reason(arch):
@@ -129,17 +126,8 @@ class VectorizedExecutor(Executor):
                 part = idx[s : s + self.chunk]
                 with torch_threads(task_threads(self.threads)):
                     for i, r in zip(part, self._train_chunk(arch, [tasks[i] for i in part])):
-                        out[i] = self._guarded(faults, tasks[i], r)
+                        out[i] = r
         return out
-
-    @staticmethod
-    def _guarded(faults: Any, task: Task, result: Any) -> Any:
-        """Pass a vectorized result through the same client guard as the sequential worker (NaN checks, ...)."""
-        if faults is None:
-            return result
-        from .faults import run_guarded
-
-        return run_guarded(faults, task.round, task.cid, lambda: result)
 
     def _grad_fn(self, arch: str):
         fn = self._fns.get(arch)
@@ -162,19 +150,21 @@ class VectorizedExecutor(Executor):
         model = worker.model(arch)
         model.train()
         names = [n for n, _ in model.named_parameters()]
-        rts, states, starts = [], [], []
+        rts, msgs, states, starts = [], [], [], []
         for t in tasks:  # the same set-up as Worker.run, task by task (seeds, initial state)
             seed = task_seed(algo.ctx.seed, t.round, t.cid, t.kind)
             torch.manual_seed(seed)
             random.seed(seed)
             np.random.seed(seed % (2**32))
             rt = ClientRuntime(worker, t.cid, t.round, seed)
-            state = t.state if t.state is not None else algo.init_client(rt)
-            start = algo.vector_start(t.message, state)
+            msg = to_device(t.message, worker.device)
+            state = to_device(t.state, worker.device) if t.state is not None else algo.init_client(rt)
+            start = algo.vector_start(msg, state)
             missing = [n for n in names if n not in start]
             if missing:
                 raise KeyError(f"{algo.name}.vector_start gave no '{missing[0]}' for client {t.cid}")
             rts.append(rt)
+            msgs.append(msg)
             states.append(state)
             starts.append(start)
         dev = worker.device
@@ -225,7 +215,7 @@ class VectorizedExecutor(Executor):
         for i, (t, rt) in enumerate(zip(tasks, rts)):
             weights = {n: params[n][i].clone() for n in names}
             stats = TrainStats(float(loss_sum[i] / samples[i]) if samples[i] else 0.0, samples[i], steps[i])
-            upd = algo.vector_finish(rt, t.message, states[i], weights, stats)
+            upd = algo.vector_finish(rt, msgs[i], states[i], weights, stats)
             upd.cid = t.cid
-            out.append(upd)
+            out.append(Worker.finish(upd))
         return out

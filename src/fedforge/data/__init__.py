@@ -1,5 +1,4 @@
 """Datasets, partitions and the federation (client views over pooled data)."""
-from . import pfllib  # noqa: F401  (registers the pfllib: source)
 from .federation import Federation
 from .partition import PARTITIONERS, Partition, from_client_split, make_partition
 from .sources import SOURCES, Dataset, data_root, load_dataset, read_cache, write_cache

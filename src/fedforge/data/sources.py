@@ -22,7 +22,8 @@ from .._io import atomic_open
 from ..errors import DataError
 from ..registry import Registry
 
-SOURCES: Registry[Callable[..., "Dataset"]] = Registry("dataset", "see `fedforge list datasets`")
+SOURCES: Registry[Callable[..., "Dataset"]] = Registry("dataset", "see `fedforge list datasets`",
+                                                     populate="fedforge.data.pfllib")
 
 DEFAULT_ROOT = Path.home() / ".cache" / "fedforge" / "data"
 
@@ -289,8 +290,6 @@ def select_classes(ds: Dataset, spec: str) -> Dataset:
 def load_dataset(spec: str, root: str | os.PathLike | None = None, download: bool = False,
                  class_subset: str | None = None) -> Dataset:
     """Load a dataset by spec (``mnist``, ``digits``, ``npz:PATH``, ``folder:PATH``, ``pfllib:DIR``)."""
-    from . import pfllib  # noqa: F401  (registers the pfllib source)
-
     name, _, arg = spec.partition(":")
     fn = SOURCES.get(name)
     ds = fn(arg or None, data_root(root), download=download)

@@ -22,7 +22,9 @@ import torch
 from ..errors import FedforgeError
 from ..registry import Registry
 
-GENERATORS: Registry[Callable[..., "Generator"]] = Registry("generator", "see `fedforge list generators`")
+GENERATORS: Registry[Callable[..., "Generator"]] = Registry(
+    "generator", "see `fedforge list generators`",
+    populate=("fedforge.generative.builtin", "fedforge.generative.diffusion", "fedforge.generative.stylegan"))
 
 
 class GeneratorError(FedforgeError):

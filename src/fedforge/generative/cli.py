@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from ..cli import register_command
+from ..commands import register_command
 from ..errors import ConfigError
 
 log = logging.getLogger("fedforge")

@@ -1,2 +1,5 @@
-"""Optional integrations (Ray, Flower, trackers); each imports its dependency only when used."""
-from . import ray  # noqa: E402,F401  (registers the `ray` executor; Ray itself is imported only when it starts)
+"""Optional integrations (Ray, Flower, trackers); each imports its dependency only when used.
+
+Nothing registers itself as a side effect of importing this package: the registries name these modules
+(``EXECUTORS`` lists ``fedforge.integrations.ray``, ``TRACKERS`` lists ``fedforge.integrations.trackers``).
+"""

@@ -1,6 +1,5 @@
 """Model registry, the feature-extractor + head split, and model groups (one architecture per client)."""
 from .groups import GROUPS, resolve_architectures
 from .zoo import MODELS, FedModel, create_model
-from . import hetero  # noqa: F401,E402  (registers the HtFL architectures and model groups)
 
 __all__ = ["FedModel", "GROUPS", "MODELS", "create_model", "resolve_architectures"]

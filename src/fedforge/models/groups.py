@@ -6,7 +6,7 @@ from ..registry import Registry
 from .zoo import MODELS
 
 # name → list of registered model names
-GROUPS: Registry[list[str]] = Registry("model group", "see `fedforge list models`")
+GROUPS: Registry[list[str]] = Registry("model group", "see `fedforge list models`", populate="fedforge.models.hetero")
 
 
 def resolve_architectures(spec: str | list[str], num_clients: int, assignment: list[int] | None = None) -> list[str]:

@@ -9,7 +9,8 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-MODELS: Registry[Callable[..., "FedModel"]] = Registry("model", "see `fedforge list models`")
+MODELS: Registry[Callable[..., "FedModel"]] = Registry("model", "see `fedforge list models`",
+                                                      populate="fedforge.models.hetero")
 
 
 class FedModel(nn.Module):

@@ -25,6 +25,7 @@ import numpy as np
 
 from ..data import Dataset, load_dataset, write_cache
 from ..errors import ConfigError, DataError
+from ..options import option, validate_fields
 from ..generative.base import Generator, load_generator
 from .encoder import Encoder, load_encoder
 from .evaluate import MODES, DownstreamEvaluator, EvalSettings
@@ -35,67 +36,58 @@ log = logging.getLogger("fedforge")
 
 @dataclass
 class SynthConfig:
-    """Everything that defines one synthetic-data run (field names are the CLI's long options)."""
+    """Everything that defines one synthetic-data run; ``fedforge synth`` generates its options from these fields."""
 
-    private: str = "cifar100"  # dataset spec holding the client's images (the rest of each class is the test set)
-    shots: int = 10  # private images per class (the paper's README: 10)
-    class_subset: str | None = None  # keep classes A-B of the private dataset, relabelled 0..B-A
-    generator: str = "builtin"  # builtin[:DIR], diffusers:DIR, stylegan:FILE
-    selector: str = "pcevolve"  # pcevolve | pe | rf | none
-    epsilon: float = 0.2  # privacy budget per iteration (PCEvolve README: 0.2); inf turns the noise off
-    iterations: int = 100  # evolution iterations T (the paper's code: 100)
-    per_class: int = 100  # candidates per class per iteration N (the paper: 100 synthetic images per class)
-    encoder: str = "builtin"  # builtin, checkpoint:PATH, torchvision:NAME
-    seed: int = 0
-    out: str | None = None  # output folder (None: nothing written)
-    eval_every: int = 0  # evaluate downstream every M iterations (0: only after the last)
-    eval_modes: Sequence[str] = ("syn", "mix")
-    classifier: str = "linear"  # linear (head on the frozen encoder) or a zoo model name
-    eval_epochs: int | None = None
-    eval_lr: float | None = None
-    eval_batch_size: int = 16
-    tau: float = 10.0  # similarity calibrator's temperature (the paper: 10)
-    prototypes: int = 1  # prototypical candidates the exponential mechanism draws per class (the paper: 1)
-    delta: float | None = None  # PE's δ per iteration (default: 1 / number of private images, as EvolveGen)
-    pe_threshold: float = 0.0  # PE's histogram threshold H (EvolveGen default 0)
-    rf_threshold: float = 0.0  # rf: reject candidates within this distance of another class's private image
-    strength: float = 0.8  # first variation strength (the paper: 0.8)
-    strength_step: float = 0.02  # decrease per iteration (the paper: 0.02)
-    strength_min: float = 0.6  # floor (the paper: 0.6)
-    domain: str = "photo"  # {domain} in the prompt "A {domain} image of {label}" (text-conditioned back-ends)
-    labels: Sequence[str] | None = None  # class names for the prompt (default: the dataset's, else "class c")
-    test_per_class: int | None = None  # cap on held-out test images per class (None: all)
-    data_root: str | None = None
-    device: str = "cpu"
-    grid_columns: int = 10
+    private: str = option("cifar100", "dataset holding the client's images (the rest of each class is the test set)",
+                          metavar="SPEC")
+    shots: int = option(10, "private images per class (the paper's README: 10)", ge=1, metavar="K")
+    class_subset: str | None = option(None, "keep classes A-B of the private dataset, relabelled 0..B-A", metavar="A-B")
+    generator: str = option("builtin", "builtin[:DIR], diffusers:DIR or stylegan:FILE", metavar="SPEC")
+    selector: str = option("pcevolve", "pcevolve (exponential mechanism), pe (noisy votes), rf (no privacy), "
+                           "none (iteration 0 only)", choices=SELECTORS)
+    epsilon: float = option(0.2, "privacy budget per iteration (PCEvolve README: 0.2); inf turns the noise off",
+                            gt=0, finite=False, metavar="E")
+    iterations: int = option(100, "evolution iterations T (the paper's code: 100)", ge=0, metavar="T")
+    per_class: int = option(100, "candidates per class per iteration N (the paper: 100)", ge=1, metavar="N")
+    encoder: str = option("builtin", "builtin, checkpoint:PATH.safetensors or torchvision:NAME (cached weights only)",
+                          metavar="SPEC")
+    seed: int = option(0, "random seed", ge=0)
+    out: str | None = option(None, "output folder (default runs/synth-<selector>-<time>)", metavar="DIR")
+    eval_every: int = option(0, "also evaluate downstream every M iterations (0: only after the last)", ge=0,
+                             metavar="M")
+    eval_modes: Sequence[str] = option(("syn", "mix"), "training sets to evaluate: syn, mix, real ('' for none)",
+                                       metavar="LIST")
+    classifier: str = option("linear", "linear (head on the frozen encoder) or a model name")
+    eval_epochs: int | None = option(None, "classifier epochs (default 100 linear, 20 model)", ge=1, metavar="E")
+    eval_lr: float | None = option(None, "classifier learning rate", gt=0, metavar="LR")
+    eval_batch_size: int = option(16, "classifier batch size", ge=1)
+    tau: float = option(10.0, "similarity calibrator's temperature (the paper: 10)", gt=0)
+    prototypes: int = option(1, "prototypical candidates the exponential mechanism draws per class (the paper: 1)",
+                             ge=1)
+    delta: float | None = option(None, "PE's δ per iteration (default: 1 / number of private images, as EvolveGen)",
+                                 gt=0, lt=1, metavar="D")
+    pe_threshold: float = option(0.0, "PE's histogram threshold H (EvolveGen default 0)", metavar="H")
+    rf_threshold: float = option(0.0, "rf: reject candidates within this distance of another class's private image",
+                                 ge=0, metavar="D")
+    strength: float = option(0.8, "first variation strength (the paper: 0.8)", ge=0, le=1)
+    strength_step: float = option(0.02, "decrease of the variation strength per iteration (the paper: 0.02)", ge=0)
+    strength_min: float = option(0.6, "floor of the variation strength (the paper: 0.6)", ge=0, le=1)
+    domain: str = option("photo", "{domain} in the prompt 'A {domain} image of {label}'")
+    labels: Sequence[str] | None = option(None, "class names for the prompt (default: the dataset's, else 'class c')",
+                                          metavar="A,B,...")
+    test_per_class: int | None = option(None, "cap on held-out test images per class (None: all)", ge=1, metavar="M")
+    data_root: str | None = option(None, "dataset cache folder (default $FEDFORGE_DATA)", metavar="DIR")
+    device: str = option("cpu", "cpu or cuda[:N]")
+    grid_columns: int = option(10, "candidates shown per class in the grids", ge=1)
 
     def validate(self) -> "SynthConfig":
-        if isinstance(self.epsilon, str):
-            try:
-                self.epsilon = float(self.epsilon)
-            except ValueError:
-                raise ConfigError(f"--epsilon must be a positive number or inf, got '{self.epsilon}'.") from None
-        checks = [
-            (self.shots >= 1, f"--shots must be at least 1 private image per class, got {self.shots}."),
-            (self.selector in SELECTORS, f"unknown selector '{self.selector}'; choose one of {', '.join(SELECTORS)}."),
-            (not math.isnan(self.epsilon) and self.epsilon > 0,
-             f"--epsilon must be positive (or inf to turn the noise off), got {self.epsilon}; ε ≤ 0 allows no selection."),
-            (self.iterations >= 0, f"--iterations must be 0 or more, got {self.iterations}."),
-            (self.per_class >= 1, f"--per-class must be at least 1 candidate per class, got {self.per_class}."),
-            (self.eval_every >= 0, f"--eval-every must be 0 (only at the end) or more, got {self.eval_every}."),
-            (self.tau > 0, f"--tau must be positive (the paper: 10), got {self.tau}."),
-            (self.prototypes >= 1, f"--prototypes must be at least 1, got {self.prototypes}."),
-            (self.delta is None or 0 < self.delta < 1, f"--delta must lie in (0, 1), got {self.delta}."),
-            (0 <= self.strength_min <= self.strength <= 1 and self.strength_step >= 0,
-             "variation strengths need 0 ≤ --strength-min ≤ --strength ≤ 1 and --strength-step ≥ 0."),
-            (self.test_per_class is None or self.test_per_class >= 1, "--test-per-class must be at least 1."),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise ConfigError(msg)
+        validate_fields(self, flags=True)
+        if self.strength_min > self.strength:
+            raise ConfigError("variation strengths need --strength-min ≤ --strength.")
         bad = [m for m in self.eval_modes if m not in MODES]
         if bad:
             raise ConfigError(f"unknown evaluation mode '{bad[0]}'; choose from {', '.join(MODES)}.")
+        self.eval_modes = tuple(self.eval_modes)
         return self
 
     def to_dict(self) -> dict[str, Any]:
