@@ -1,0 +1,51 @@
+"""FL-bench's most used personalized methods on `digits`: pFedHN, pFedLA, CFL, FedEM, kNN-Per, CCVR, FedAP, pFedSim.
+
+For each: its distinguishing part acts (it differs from its base on the same seed), it reduces to its base at the
+neutral setting where one exists, and one cheap check specific to the method (pFedHN generates a different model per
+client and moves it towards what the client learned; CFL splits clients with opposite label maps; ...).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedforge.core.messages import model_entries, under
+
+from .helpers import _one_torch_thread, differ, run, sim, train  # noqa: F401
+
+
+def accs(res, key="personalized_acc"):
+    return [r[key] for r in res.records]
+
+
+def sq_dist(a: dict, b: dict, keys) -> float:
+    return sum(float((a[k].double() - b[k].double()).pow(2).sum()) for k in keys)
+
+
+# ------------------------------------------------------------------------------------------------ pFedHN
+def test_pfedhn_generates_one_model_per_client_and_learns_towards_the_clients_updates():
+    s = sim("pfedhn", {"hn_lr": 1e-4})  # a small step: the direction is what is checked
+    server = s.algo.init_server()
+    m0, m1 = s.algo.broadcast(server, 0, 1), s.algo.broadcast(server, 1, 1)
+    assert set(m0) == set(s.ctx.build_model().state_dict()) and differ(m0, m1), "each embedding gives its own model"
+    upd = train(s, server, 2, 1)
+    sent = s.algo.broadcast(server, 2, 1)
+    trained = {k: sent[k] - v for k, v in under(upd.upload, "delta").items()}
+    after = s.algo.aggregate(server, [upd], 1)
+    keys = list(sent)
+    assert sq_dist(s.algo.broadcast(after, 2, 2), trained, keys) < sq_dist(sent, trained, keys), \
+        "the hypernetwork step moves the client's generated model towards the model it trained"
+    assert differ(s.algo.broadcast(after, 0, 2), m0), "the shared hypernetwork moves the other clients' models too"
+
+
+def test_pfedhn_learns_and_differs_from_fedavg_and_is_frozen_without_a_learning_rate():
+    res = run("pfedhn", rounds=3)
+    fedavg = run("fedavg", rounds=3)
+    assert accs(res)[1:] != accs(fedavg, "global_acc")[1:]
+    assert res.records[-1]["personalized_acc"] > res.records[0]["personalized_acc"] + 0.3
+    frozen = run("pfedhn", {"hn_lr": 0.0}, rounds=2)
+    assert len(set(accs(frozen))) == 1, "with β = 0 every client keeps its initial generated model"
+    assert frozen.records[-1]["bytes_up"] == fedavg.records[1]["bytes_up"], "Δθ has the size of the model"
