@@ -49,3 +49,27 @@ def test_pfedhn_learns_and_differs_from_fedavg_and_is_frozen_without_a_learning_
     frozen = run("pfedhn", {"hn_lr": 0.0}, rounds=2)
     assert len(set(accs(frozen))) == 1, "with β = 0 every client keeps its initial generated model"
     assert frozen.records[-1]["bytes_up"] == fedavg.records[1]["bytes_up"], "Δθ has the size of the model"
+
+
+# ------------------------------------------------------------------------------------------------ kNN-Per
+def test_knnper_without_interpolation_is_fedavgs_model_and_with_it_differs():
+    fedavg = run("fedavg")
+    none = run("knnper", {"weight": 0.0})
+    assert accs(none, "global_acc") == accs(fedavg, "global_acc")
+    assert accs(none) == accs(fedavg, "global_acc"), "λ = 0: the personalized prediction is the global model's"
+    res = run("knnper")
+    assert accs(res, "global_acc") == accs(fedavg, "global_acc"), "training is FedAvg's"
+    assert accs(res)[1:] != accs(res, "global_acc")[1:]
+
+
+def test_knnper_memorises_the_clients_training_data():
+    """λ = 1, k = 1 and a datastore holding every training sample: each training sample finds itself."""
+    from fedforge.core.runtime import ClientRuntime, Worker, WorkerSpec
+
+    s = sim("knnper", {"weight": 1.0, "k": 1, "capacity": 10_000})
+    w = Worker(WorkerSpec(s.ds, s.partition, s.algo))
+    rt = ClientRuntime(w, 0, 1, seed=0)
+    rt.load(s.algo.init_server())
+    counts = rt.evaluate(s.algo.personalized_predictor(rt), part="train")
+    assert counts.correct == counts.total == rt.num_train
+    assert rt.evaluate(part="train").acc < 0.5, "the untrained model alone is far from that"
