@@ -39,7 +39,13 @@ class RunConfig:
     drop_rate: float = opt(0.0, "probability that a sampled client drops out before reporting", ge=0, lt=1)
     batch_size: int = opt(10, "local mini-batch size", ge=1)
     local_epochs: int = opt(1, "local epochs per round", ge=1)
-    lr: float = opt(0.005, "local learning rate (plain SGD, no momentum)", gt=0)
+    lr: float = opt(0.005, "local learning rate", gt=0)
+    optimizer: str = opt("sgd", "local optimiser: sgd (plain, as PFLlib and the papers), momentum or adam",
+                         choices=("sgd", "momentum", "adam"))
+    momentum: float = opt(0.9, "momentum of --optimizer momentum", ge=0, lt=1)
+    weight_decay: float = opt(0.0, "L2 weight decay of the local optimiser", ge=0)
+    lr_decay: float = opt(1.0, "the local learning rate of round r is lr·lr_decay^(r−1) (PFLlib's -ld/-ldg; 1: none)",
+                          gt=0, le=1)
     eval_every: int = opt(1, "evaluate every N rounds (and after the last)", ge=1)
     eval_batch_size: int = opt(500, "batch size for evaluation", ge=1)
     seed: int = opt(0, "random seed (every round and client draws from its own stream derived from it)", ge=0)

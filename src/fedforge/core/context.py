@@ -36,6 +36,10 @@ class Context:
     device: str = "cpu"
     precision: str = "fp32"
     eval_batch_size: int = 500
+    optimizer: str = "sgd"  # local optimiser: sgd, momentum or adam (core.training.Optimizer)
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    lr_decay: float = 1.0  # the local learning rate of round r is lr · lr_decay^(r−1)
     generator: str | None = None  # generator spec of generator-assisted algorithms (None: their default)
     trust_generator_pickle: bool = False
 

@@ -15,9 +15,10 @@ from .algorithm import Algorithm, EvalResult, Update
 from .context import Context, derive_seed
 from .faults import ClientFailure, run_guarded
 from .messages import Message, State, to_device
-from .training import EvalCounts, GradHook, LossFn, TrainStats, eval_loop, train_loop
+from .training import EvalCounts, GradHook, LossFn, Optimizer, TrainStats, eval_loop, train_loop
 
 TASK_KINDS = {"train": 1, "eval": 2, "finetune": 3}
+OPTIM = "optim/"  # client-state prefix of the local optimiser's state
 CPU = torch.device("cpu")
 
 
@@ -91,14 +92,16 @@ class Worker:
         rt = ClientRuntime(self, task.cid, task.round, seed)
         msg = to_device(task.message, self.device)
         state = to_device(task.state, self.device) if task.state is not None else self.algo.init_client(rt)
+        state = rt.take_optimizer_state(state)
         if task.kind == "train":
             upd = self.algo.local_update(rt, msg, state)
             upd.cid = task.cid
+            upd.state = rt.give_optimizer_state(upd.state if upd.state is not None else state)
             return self.finish(upd)
         if task.kind == "eval":
             return EvalResult(task.cid, self.algo.evaluate(rt, msg, state))
         if task.kind == "finetune":
-            return to_device(self.algo.finetune(rt, msg, state), CPU)
+            return to_device(rt.give_optimizer_state(self.algo.finetune(rt, msg, state)), CPU)
         raise ValueError(f"unknown task kind {task.kind}")
 
     @staticmethod
@@ -123,7 +126,10 @@ class ClientRuntime:
         self.gen = torch.Generator().manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         self.arch = self.ctx.arch(cid)
-        self.lr = self.ctx.lr
+        self.lr = self.ctx.lr * self.ctx.lr_decay ** max(0, rnd - 1)  # per-round decay (1: none)
+        self.optimizer = Optimizer(self.ctx.optimizer, self.ctx.momentum, self.ctx.weight_decay)
+        self._opt_states: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # rt.train call → its optimiser state
+        self._calls = 0
         self.batch_size = self.ctx.batch_size
         self.local_epochs = self.ctx.local_epochs
 
@@ -202,9 +208,34 @@ class ClientRuntime:
               max_grad_norm: float | None = None, model: torch.nn.Module | None = None) -> TrainStats:
         """The shared local SGD loop over this client's data (see :func:`fedforge.core.training.train_loop`)."""
         m = model if model is not None else self.model
+        call, self._calls = self._calls, self._calls + 1
         return train_loop(m, batches if batches is not None else self.batches(epochs), self.lr if lr is None else lr,
                           params=params, loss_fn=loss_fn, grad_hook=grad_hook, max_grad_norm=max_grad_norm,
-                          autocast=self.autocast)
+                          autocast=self.autocast, optimizer=self.optimizer,
+                          opt_state=None if self.optimizer.plain else self._opt_states.setdefault(call, {}))
+
+    # ------------------------------------------------------------------------------------- optimiser state
+    # A stateful local optimiser (momentum, Adam) keeps its state in the client's state under ``optim/<call>/<i>/<slot>``
+    # (call: the n-th ``rt.train`` of the task, so that two models trained in one task, e.g. Ditto's, keep separate
+    # states; i: the parameter's position). The worker takes those entries out before the algorithm sees the state
+    # and puts the new ones back after it, so algorithms know nothing of them and checkpoints hold them.
+    def take_optimizer_state(self, state: State) -> State:
+        if self.optimizer.plain or not any(k.startswith(OPTIM) for k in state):
+            return state
+        for k, v in state.items():
+            if k.startswith(OPTIM):
+                call, i, slot = k[len(OPTIM):].split("/", 2)
+                self._opt_states.setdefault(int(call), {}).setdefault(int(i), {})[slot] = v
+        return {k: v for k, v in state.items() if not k.startswith(OPTIM)}
+
+    def give_optimizer_state(self, state: State | None) -> State | None:
+        if self.optimizer.plain or state is None:
+            return state
+        out = {k: v for k, v in state.items() if not k.startswith(OPTIM)}
+        for call, per_param in self._opt_states.items():
+            for i, slots in per_param.items():
+                out |= {f"{OPTIM}{call}/{i}/{slot}": v for slot, v in slots.items()}
+        return out
 
     def evaluate(self, predict: Callable[[torch.Tensor], torch.Tensor] | None = None, part: str = "test",
                  model: torch.nn.Module | None = None) -> EvalCounts:

@@ -73,7 +73,8 @@ def build_algorithm(cfg: RunConfig, ds: Dataset, part: Partition) -> Algorithm:
         num_clients=part.num_clients, num_classes=ds.num_classes, input_shape=ds.input_shape, archs=tuple(archs),
         seed=cfg.seed, rounds=cfg.rounds, lr=cfg.lr, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
         train_sizes=tuple(len(a) for a in part.train), test_sizes=tuple(len(a) for a in part.test),
-        device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size,
+        device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size, optimizer=cfg.optimizer,
+        momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
         generator=cfg.generator, trust_generator_pickle=cfg.trust_generator_pickle)
     return cls.create(cfg.params, ctx)
 

@@ -47,16 +47,53 @@ def sgd_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor], lr: 
                 p.add_(g, alpha=-float(l))
 
 
+@dataclass(frozen=True)
+class Optimizer:
+    """The local optimiser: ``sgd`` (plain, the default: no state), ``momentum`` (heavy-ball SGD) or ``adam``, each
+    with optional L2 weight decay; the two with state use torch.optim's implementations. Their state (momentum
+    buffers, Adam's moments and step) is handed in and out of :func:`train_loop` so that it persists across rounds
+    in the client's state, as a client object's optimizer does in PFLlib, and is checkpointed with it."""
+
+    kind: str = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+
+    @property
+    def plain(self) -> bool:
+        return self.kind == "sgd" and self.weight_decay == 0
+
+    def build(self, params: list[torch.Tensor], lr: float | Sequence[float],
+              state: dict[int, dict[str, torch.Tensor]]) -> torch.optim.Optimizer:
+        lrs = [float(lr)] * len(params) if isinstance(lr, (int, float)) else [float(v) for v in lr]
+        groups = [{"params": [p], "lr": v} for p, v in zip(params, lrs)]
+        opt: torch.optim.Optimizer
+        if self.kind == "adam":
+            opt = torch.optim.Adam(groups, lr=lrs[0] if lrs else 1e-3, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(groups, lr=lrs[0] if lrs else 1e-3, weight_decay=self.weight_decay,
+                                  momentum=self.momentum if self.kind == "momentum" else 0.0)
+        for i, p in enumerate(params):
+            saved = state.get(i)
+            if saved and all(v.shape == p.shape for k, v in saved.items() if k != "step"):
+                opt.state[p] = {k: v.to(p.device).clone() for k, v in saved.items()}
+        return opt
+
+
 def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float | Sequence[float], *,
                params: Sequence[torch.Tensor] | None = None, loss_fn: LossFn | None = None,
                grad_hook: GradHook | None = None, max_grad_norm: float | None = None,
-               autocast: Callable[[], ContextManager] | None = None, train_mode: bool = True) -> TrainStats:
-    """Run SGD over ``batches`` and return the mean loss.
+               autocast: Callable[[], ContextManager] | None = None, train_mode: bool = True,
+               optimizer: Optimizer | None = None, opt_state: dict[int, dict[str, torch.Tensor]] | None = None
+               ) -> TrainStats:
+    """Run the local optimiser (plain SGD by default) over ``batches`` and return the mean loss.
 
     ``lr`` is one rate or one per parameter in ``params``; ``grad_hook(params, grads) -> grads`` may change the
-    gradients before the step (SCAFFOLD's correction, FedProx's proximal gradient, ...).
+    gradients before the step (SCAFFOLD's correction, FedProx's proximal gradient, ...). With a stateful
+    ``optimizer``, ``opt_state`` (parameter position → its optimiser state) is read before the first step and
+    replaced by the state after the last one.
     """
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
+    opt = None if optimizer is None or optimizer.plain else optimizer.build(params, lr, opt_state or {})
     loss_fn = loss_fn or cross_entropy
     ctx = autocast or nullcontext
     model.train(train_mode)
@@ -73,12 +110,24 @@ def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             scale = torch.clamp(max_grad_norm / (norm + 1e-6), max=1.0)
             torch._foreach_mul_(grads, scale)
-        sgd_step(params, grads, lr)
+        if opt is None:
+            sgd_step(params, grads, lr)
+        else:
+            for p, g in zip(params, grads):
+                p.grad = g
+            opt.step()
         n = int(y.shape[0])
         term = loss.detach().double() * n
         total = term if total is None else total + term
         samples += n
         steps += 1
+    if opt is not None:
+        for p in params:
+            p.grad = None
+        if opt_state is not None:
+            opt_state.clear()
+            opt_state.update({i: {k: v.detach() for k, v in opt.state[p].items()} for i, p in enumerate(params)
+                              if opt.state.get(p)})
     return TrainStats(float(total / samples) if samples else 0.0, samples, steps)
 
 

@@ -52,6 +52,9 @@ def why_not_vectorized(algo: Any, model: torch.nn.Module) -> str | None:
         if getattr(cls, attr, None) is not getattr(decl, attr, None):
             return (f"{algo.name} changes {attr} of {decl.__name__}, which declared the vectorizable update "
                     f"(set vectorizable again where it still holds)")
+    ctx = algo.ctx
+    if getattr(ctx, "optimizer", "sgd") != "sgd" or getattr(ctx, "weight_decay", 0.0) or getattr(ctx, "lr_decay", 1.0) != 1:
+        return "the vectorized update is plain SGD at a fixed learning rate (--optimizer sgd, no weight decay or lr decay)"
     if getattr(algo, "loss", None) is not None:
         return f"{algo.name} trains with its own loss, which the vectorized update does not express"
     if any(True for _ in model.buffers()):
