@@ -73,3 +73,24 @@ def test_knnper_memorises_the_clients_training_data():
     counts = rt.evaluate(s.algo.personalized_predictor(rt), part="train")
     assert counts.correct == counts.total == rt.num_train
     assert rt.evaluate(part="train").acc < 0.5, "the untrained model alone is far from that"
+
+
+# ------------------------------------------------------------------------------------------------ FedEM
+def test_fedem_with_one_component_is_fedavg():
+    fedavg = run("fedavg")
+    one = run("fedem", {"components": 1})
+    assert accs(one) == accs(fedavg, "global_acc")
+    comp = under(one.server, "comp/0")
+    for k, v in model_entries(fedavg.server).items():
+        torch.testing.assert_close(comp[k], v, rtol=1e-6, atol=1e-7)
+
+
+def test_fedem_mixture_weights_are_learned_per_client_and_differ_from_fedavg():
+    fedavg = run("fedavg")
+    res = run("fedem")
+    assert accs(res)[1:] != accs(fedavg, "global_acc")[1:]
+    pis = torch.stack([res.store.get(c)["fedem/pi"] for c in range(4)])
+    assert pis.shape == (4, 3) and torch.allclose(pis.sum(1), torch.ones(4))
+    assert not torch.allclose(pis, torch.full_like(pis, 1 / 3), atol=1e-3), "the EM step moves π from uniform"
+    assert float(torch.cdist(pis, pis).max()) > 1e-3, "clients end with different mixtures"
+    assert set(res.server) == {f"comp/{m}/{k}" for m in range(3) for k in model_entries(fedavg.server)}

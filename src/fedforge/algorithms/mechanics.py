@@ -368,20 +368,23 @@ def holdout_positions(n: int, count: int, seed: int, device: torch.device | str 
     """A fixed random split of positions ``0..n-1`` into (held out, rest), ``count`` held out (at most n − 1, so
     that the rest is never empty), drawn from a generator seeded with ``seed`` (e.g. FedL2G's quiz set)."""
     count = max(0, min(int(count), n - 1))
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).to(device)
+    gen = torch.Generator().manual_seed(seed)  # on the CPU: the same split on every device
+    perm = torch.randperm(n, generator=gen, device=gen.device).to(device)
     return perm[:count], perm[count:]
 
 
 # ------------------------------------------------------------------------------- feature tensors
 @torch.no_grad()
-def collect_features(features: Callable[[torch.Tensor], torch.Tensor], batches) -> tuple[torch.Tensor, torch.Tensor]:
-    """``features(x)`` of every sample in ``batches`` stacked (N, d) in float32, with the labels (N,)."""
+def collect_features(features: Callable[[torch.Tensor], torch.Tensor], batches,
+                     device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``features(x)`` of every sample in ``batches`` stacked (N, d) in float32, with the labels (N,) (empty, on
+    ``device``, when there are no batches)."""
     zs, ys = [], []
     for x, y in batches:
         zs.append(features(x).float().flatten(1))
         ys.append(y)
     if not zs:
-        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+        return torch.zeros(0, 0, device=device), torch.zeros(0, dtype=torch.long, device=device)
     return torch.cat(zs), torch.cat(ys)
 
 
@@ -391,7 +394,8 @@ def train_features(rt, model: nn.Module | None = None) -> tuple[torch.Tensor, to
     was = m.training
     m.eval()
     try:
-        return collect_features(m.features, rt.fed.test_batches(rt.cid, rt.ctx.eval_batch_size, part="train"))
+        return collect_features(m.features, rt.fed.test_batches(rt.cid, rt.ctx.eval_batch_size, part="train"),
+                                device=rt.device)
     finally:
         m.train(was)
 
@@ -445,3 +449,25 @@ def sgd_momentum_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
 def warmup_length(value: float, rounds: int) -> int:
     """Warm-up rounds from a fraction of the run (0 ≤ value < 1) or a count (value ≥ 1), as pFedSim and FedAP state it."""
     return int(rounds * value) if value < 1 else int(value)
+
+
+# ------------------------------------------------------------------------------ prototype pull
+def prototype_mse(z: torch.Tensor, target: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
+    """Σ_i has_i · ‖z_i − target_i‖² / (B · d): the squared distance of each feature vector to its class's prototype,
+    averaged over the batch and the feature dimensions, samples whose class has no prototype (``has`` 0) adding 0
+    (PFLlib's ``MSELoss(proto_new, rep)``; FedProto's regulariser and FedPAC's feature alignment)."""
+    sq = ((z - target) ** 2).sum(1) * has
+    return sq.sum() / (z.shape[0] * z.shape[1])
+
+
+def indexed_batches(rt, epochs: int | None = None):
+    """``rt.batches(epochs)``'s batches (same order, same draws from ``rt.gen``, augmentation included) with each
+    sample's position in the client's training data: ``((x, positions), y)``, for per-sample weights (FedEM)."""
+    fed = rt.fed
+    idx = fed.train_indices(rt.cid)
+    n_epochs = rt.local_epochs if epochs is None else epochs
+    for pos in fed.train_positions(idx.numel(), rt.batch_size, rt.gen, n_epochs):
+        x, y = fed.inputs(idx[pos])
+        if fed.augment:
+            x = fed._augment(x, rt.gen)
+        yield (x, pos), y
