@@ -94,3 +94,52 @@ def test_fedem_mixture_weights_are_learned_per_client_and_differ_from_fedavg():
     assert not torch.allclose(pis, torch.full_like(pis, 1 / 3), atol=1e-3), "the EM step moves π from uniform"
     assert float(torch.cdist(pis, pis).max()) > 1e-3, "clients end with different mixtures"
     assert set(res.server) == {f"comp/{m}/{k}" for m in range(3) for k in model_entries(fedavg.server)}
+
+
+# ------------------------------------------------------------------------------------------------ CFL
+def flipped_digits():
+    """`digits` twice: clients 0-2 hold samples with the true labels, clients 3-5 the same images with y → 9 − y."""
+    import dataclasses
+
+    from .helpers import digits
+
+    ds = digits()
+    n = len(ds.y)
+    rng = np.random.default_rng(0)
+    split = []
+    for half in (0, 1):
+        for part in np.array_split(rng.permutation(n) + half * n, 3):
+            k = int(len(part) * 0.75)
+            split.append((part[:k], part[k:]))
+    return dataclasses.replace(ds, name="digits-flipped", x=np.concatenate([ds.x, ds.x]),
+                               y=np.concatenate([ds.y, 9 - ds.y]), client_split=split)
+
+
+def run_on(dataset, algorithm: str, params: dict | None = None, **kw):
+    from fedforge.config import build_config
+    from fedforge.core.simulation import Simulation
+
+    from .helpers import BASE
+
+    cfg = build_config(overrides={**BASE, **kw, "algorithm": algorithm}, params=params)
+    return Simulation(cfg, run_dir=False, progress=False, dataset=dataset).run()
+
+
+def test_cfl_without_splits_is_fedavg():
+    fedavg = run("fedavg")
+    res = run("cfl", {"start_round": 0, "eps_2": 1e9})
+    assert accs(res) == accs(fedavg, "global_acc")
+    assert [r["clusters"] for r in res.records] == [1] * len(res.records)
+    for k, v in model_entries(fedavg.server).items():
+        assert torch.equal(res.server[f"cluster/0/{k}"], v), k
+
+
+def test_cfl_splits_clients_with_opposite_label_maps():
+    flipped = flipped_digits()
+    params = {"start_round": 1, "eps_1": 1.0, "eps_2": 0.5, "min_cluster_size": 3}
+    res = run_on(flipped, "cfl", params, clients=6, rounds=3)
+    assign = res.server["cfl/cluster"].tolist()
+    assert res.records[-1]["clusters"] == 2
+    assert assign[0] == assign[1] == assign[2] != assign[3] == assign[4] == assign[5], assign
+    unsplit = run_on(flipped, "cfl", {**params, "eps_2": 1e9}, clients=6, rounds=3)
+    assert res.records[-1]["personalized_acc"] > unsplit.records[-1]["personalized_acc"] + 0.2
