@@ -416,6 +416,8 @@ class Harness:
         """fedforge round ``rnd`` (1-based) and PFLlib's round ``rnd - 1``, every client taking part."""
         s = self.spec
         updates, batches = self.ff_round(rnd)
+        # what this round's PFLlib hooks may read (a pf_send may take a client's first epochs, e.g. FedALA's ALA data)
+        self.updates, self.batches = updates, batches
         clients = {}
         with self._pfllib_data(), quiet():
             self.pf.selected_clients = list(self.pf.clients)

@@ -166,6 +166,45 @@ def ditto_spec():
                     pf_train=pf_train, pf_client_view=pf_client, ff_client_view=ff_client)
 
 
+def fedala_spec():
+    """FedALA with PFLlib's -et 1, -s 80, -p 2. Two documented differences are aligned, both being draws or stopping
+    rules rather than the update: (1) the data ALA learns W on: fedforge draws a uniform random 80% subset cut into
+    full batches, PFLlib a random contiguous 80% slice; PFLlib's ALA is handed fedforge's batches (its DataLoader
+    replaced for that call). (2) The first ALA's stopping rule (PFLlib: std of the last 10 last-batch losses < 0.1,
+    unbounded; fedforge: epoch-mean losses, at most 50 epochs): with the threshold out of reach on both sides and
+    num_pre_loss 2, both train W for exactly 3 epochs. Three rounds: round 1 skips ALA (the client has no model yet),
+    round 2 runs the first ALA (to convergence), round 3 a single pass."""
+
+    def pf_setup(h):
+        for c in h.pf.clients:
+            c.ALA.threshold, c.ALA.num_pre_loss = 1e9, 2
+
+    def pf_send(h, srv, r):
+        mod = import_pfllib("utils.ALA")
+        orig = mod.DataLoader
+        try:
+            for c in srv.clients:
+                ran = h.updates[c.id].metrics.get("ala_epochs", 0) > 0
+                ala = h.batches[c.id].pop(0) if ran else []
+                mod.DataLoader = lambda *a, _ala=ala, **k: list(_ala)
+                c.local_initialization(srv.global_model)
+        finally:
+            mod.DataLoader = orig
+
+    def pf_client(h, c):
+        w = c.ALA.weights or []
+        top = list(pf_params(c.model))[-len(w):] if w else []
+        return {**pf_params(c.model), **{f"ala/{n}": t.detach().clone() for n, t in zip(top, w)}}
+
+    def ff_client(h, u):
+        return {**model_entries(u.upload), **{k: v for k, v in u.state.items() if k.startswith("ala/")}}
+
+    return AlgoSpec("fedala", "FedALA", "serverala.FedALA", rounds=3,
+                    ff_params={"eta": 1.0, "rand_percent": 80.0, "layer_idx": 2, "threshold": 1e9, "num_pre_loss": 2},
+                    pf_args={"eta": 1.0, "rand_percent": 80, "layer_idx": 2},
+                    pf_setup=pf_setup, pf_send=pf_send, pf_client_view=pf_client, ff_client_view=ff_client)
+
+
 SPECS = {
     "fedavg": lambda: AlgoSpec("fedavg", "FedAvg", "serveravg.FedAvg"),
     # mu = 1 (the top of the paper's grid) on both sides; PFLlib's default 0 would make it FedAvg
@@ -186,6 +225,7 @@ SPECS = {
     "lgfedavg": lambda: partial_spec("lgfedavg", "LG-FedAvg", "serverlg.LG_FedAvg", pf_part="head"),
     "fedrod": fedrod_spec,
     "ditto": ditto_spec,
+    "fedala": fedala_spec,
 }
 
 
