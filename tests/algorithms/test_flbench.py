@@ -143,3 +143,26 @@ def test_cfl_splits_clients_with_opposite_label_maps():
     assert assign[0] == assign[1] == assign[2] != assign[3] == assign[4] == assign[5], assign
     unsplit = run_on(flipped, "cfl", {**params, "eps_2": 1e9}, clients=6, rounds=3)
     assert res.records[-1]["personalized_acc"] > unsplit.records[-1]["personalized_acc"] + 0.2
+
+
+# ------------------------------------------------------------------------------------------------ pFedSim
+def test_pfedsim_with_a_full_warm_up_is_fedavg():
+    fedavg = run("fedavg")
+    res = run("pfedsim", {"warm_up": 1.0})
+    assert accs(res) == accs(fedavg, "global_acc")
+
+
+def test_pfedsim_weighs_clients_by_classifier_similarity():
+    flipped = flipped_digits()
+    res = run_on(flipped, "pfedsim", {"warm_up": 0.25}, clients=6, rounds=4)
+    sim_ = res.server["pfedsim/similarity"]
+    same = [float(sim_[i, j]) for i in range(6) for j in range(6) if i != j and (i < 3) == (j < 3)]
+    other = [float(sim_[i, j]) for i in range(6) for j in range(6) if (i < 3) != (j < 3)]
+    assert min(same) > max(other), (same, other)
+    fedavg = run_on(flipped, "fedavg", clients=6, rounds=4)
+    assert res.records[-1]["personalized_acc"] > fedavg.records[-1]["global_acc"] + 0.2
+    # the body a client receives mixes the others' bodies; its head stays its own
+    msg = sim("pfedsim", {"warm_up": 0.25}, clients=6, rounds=4).algo.broadcast(res.server, 0, 5)
+    own = under(res.server, "client/0")
+    assert torch.equal(msg["head.weight"], own["head.weight"])
+    assert not torch.equal(msg["features.1.weight"], own["features.1.weight"])

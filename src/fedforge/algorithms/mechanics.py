@@ -446,9 +446,9 @@ def sgd_momentum_step(params: Sequence[torch.Tensor], grads: Sequence[torch.Tens
 
 
 # ------------------------------------------------------------------------------------ warm-up
-def warmup_length(value: float, rounds: int) -> int:
-    """Warm-up rounds from a fraction of the run (0 ≤ value < 1) or a count (value ≥ 1), as pFedSim and FedAP state it."""
-    return int(rounds * value) if value < 1 else int(value)
+def warmup_length(fraction: float, rounds: int) -> int:
+    """Warm-up rounds as a fraction of the run's rounds (pFedSim and FedAP state it so), rounded down."""
+    return int(rounds * fraction)
 
 
 # ------------------------------------------------------------------------------ prototype pull
