@@ -353,6 +353,8 @@ class Harness:
         if splits_model(spec.pf_algorithm):
             self.args.head = self.pf_model.head
         self.restore: list[tuple[Any, str, Any]] = []  # (object, attribute, value) a spec patched; see close()
+        self.draws: dict[int, deque] = {i: deque() for i in range(n)}  # random draws fedforge made, to inject
+        self.current_cid: int | None = None  # the client whose fedforge task is running
         self.feeders = {i: EpochFeeder() for i in range(n)}
         with self._pfllib_data(), quiet():
             self.pf = server_cls(self.args, 0)
@@ -370,6 +372,11 @@ class Harness:
         check from identical starting weights, as the first one is."""
         with quiet():
             (self.spec.pf_sync or _default_sync)(self, self.pf, self.server)
+
+    def patch(self, obj: Any, attr: str, value: Any) -> None:
+        """Set ``obj.attr`` for this harness's lifetime (undone by :meth:`close`)."""
+        self.restore.append((obj, attr, getattr(obj, attr)))
+        setattr(obj, attr, value)
 
     def close(self) -> None:
         """Undo what a spec patched in PFLlib's modules."""
@@ -403,6 +410,7 @@ class Harness:
     def ff_round(self, rnd: int) -> tuple[dict[int, Update], dict[int, list]]:
         updates, batches = {}, {}
         for cid in range(self.ctx.num_clients):
+            self.current_cid = cid
             msg = self.algo.broadcast(self.server, cid, rnd)
             res = self.worker.run(Task("train", cid, rnd, msg, self.states[cid]))
             if not isinstance(res, Update):  # a ClientFailure: surface the error

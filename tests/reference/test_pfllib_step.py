@@ -205,6 +205,110 @@ def fedala_spec():
                     pf_setup=pf_setup, pf_send=pf_send, pf_client_view=pf_client, ff_client_view=ff_client)
 
 
+# ------------------------------------------------------------------------------------ injected Gumbel noise
+def record_gumbel(h, module):
+    """Wrap ``module.gumbel_softmax`` (fedforge's, drawing u ~ U(0,1) from the task's stream, g = −log(−log u)) so
+    that every noise tensor it adds is also kept, per client, for PFLlib's side."""
+    orig = module.gumbel_softmax
+
+    def recording(logits, tau, generator, dim=-1):
+        if generator is not None:
+            replay = torch.Generator(device=generator.device)
+            replay.set_state(generator.get_state())
+            u = torch.rand(logits.shape, generator=replay, dtype=torch.float32, device=generator.device)
+            h.draws[h.current_cid].append(-torch.log(-torch.log(u.to(logits.dtype).clamp_(1e-20, 1.0 - 1e-7))))
+        return orig(logits, tau, generator, dim)
+
+    h.patch(module, "gumbel_softmax", recording)
+
+
+class _InjectedGumbel:
+    """``torch.nn.functional`` as a PFLlib module sees it, except that ``gumbel_softmax`` adds the noise fedforge
+    drew (torch's own definition, softmax((logits + g)/τ), with g given instead of drawn)."""
+
+    def __init__(self, h):
+        self.h = h
+        self.cid = None
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+    def gumbel_softmax(self, logits, tau=1, hard=False, eps=1e-10, dim=-1):
+        assert not hard
+        g = self.h.draws[self.cid].popleft()
+        assert g.shape == logits.shape, (g.shape, logits.shape)
+        return ((logits + g) / tau).softmax(dim)
+
+
+def fedcp_spec():
+    """FedCP with -lam 5 (the authors' run script) on both sides. Aligned draws: the CPN's initial weights (fedforge's,
+    copied into PFLlib's), the Gumbel noise (fedforge's, injected), and the client context before a client's first
+    aggregation, which PFLlib draws uniformly at random and fedforge derives from the initial head (documented in
+    fedcp.py): PFLlib's clients start from fedforge's. From then on PFLlib derives the context itself, after
+    aggregation, from the trained personal head, as fedforge does at the next task's start."""
+    from fedforge.algorithms import fedcp as ff_fedcp
+
+    cs_names = {"fc.0.weight": "cpn/fc.weight", "fc.0.bias": "cpn/fc.bias", "fc.1.weight": "cpn/ln.weight",
+                "fc.1.bias": "cpn/ln.bias"}
+
+    def cs_view(cs):
+        return {cs_names[n]: p.detach().clone() for n, p in cs.named_parameters()}
+
+    def load_cs(cs, st):
+        with torch.no_grad():
+            for n, p in cs.named_parameters():
+                p.copy_(st[cs_names[n]])
+
+    def pf_setup(h):
+        servercp = import_pfllib("flcore.servers.servercp")
+        h.gumbel = _InjectedGumbel(h)
+        h.patch(servercp, "F", h.gumbel)
+        record_gumbel(h, ff_fedcp)
+        head0 = {k: v for k, v in h.init_weights.items() if k.startswith("head.")}
+        for c in h.pf.clients:
+            load_cs(c.model.gate.cs, h.server)
+            c.context = ff_fedcp.client_context(head0).clone()
+
+    def pf_train(h, c, r):
+        h.gumbel.cid = c.id
+        c.train_cs_model()
+        c.generate_upload_head()
+        assert not h.draws[c.id], "PFLlib drew fewer Gumbel samples than fedforge"
+
+    def pf_aggregate(h, srv, r):
+        srv.receive_models()
+        srv.aggregate_parameters()
+        srv.send_models()
+        srv.global_head()
+        srv.global_cs()
+
+    def pf_client(h, c):
+        return {**pf_params(c.model.model.base, "base"), **pf_params(c.model.model.head, "head"),
+                **prefixed(pf_params(c.model.head_g, "head"), "upload"), **cs_view(c.model.gate.cs)}
+
+    def ff_client(h, u):
+        return {**body(u.upload), **model_entries(u.state),
+                **prefixed({k: v for k, v in u.upload.items() if k.startswith("head.")}, "upload"),
+                **{k: v for k, v in u.upload.items() if k.startswith("cpn/")}}
+
+    def pf_server(h, srv):
+        return {**pf_params(srv.global_modules, "base"), **pf_params(srv.head, "head"), **cs_view(srv.cs)}
+
+    def pf_sync(h, srv, st):
+        load_pf(srv.global_modules, st, "base")
+        load_pf(srv.head, st, "head")
+        load_cs(srv.cs, st)
+        srv.send_models()
+        for c in srv.clients:
+            c.set_head_g(srv.head)
+            c.set_cs(srv.cs)
+
+    return AlgoSpec("fedcp", "FedCP", "servercp.FedCP", ff_params={"lam": 5.0, "tau": 1.0}, pf_args={"lamda": 5.0},
+                    pf_setup=pf_setup, pf_send=lambda h, srv, r: None, pf_train=pf_train, pf_aggregate=pf_aggregate,
+                    pf_client_view=pf_client, ff_client_view=ff_client, pf_server_view=pf_server,
+                    ff_server_view=lambda h, st: dict(st), pf_sync=pf_sync)
+
+
 SPECS = {
     "fedavg": lambda: AlgoSpec("fedavg", "FedAvg", "serveravg.FedAvg"),
     # mu = 1 (the top of the paper's grid) on both sides; PFLlib's default 0 would make it FedAvg
@@ -226,6 +330,7 @@ SPECS = {
     "fedrod": fedrod_spec,
     "ditto": ditto_spec,
     "fedala": fedala_spec,
+    "fedcp": fedcp_spec,
 }
 
 
