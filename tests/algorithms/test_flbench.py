@@ -166,3 +166,30 @@ def test_pfedsim_weighs_clients_by_classifier_similarity():
     own = under(res.server, "client/0")
     assert torch.equal(msg["head.weight"], own["head.weight"])
     assert not torch.equal(msg["features.1.weight"], own["features.1.weight"])
+
+
+# ------------------------------------------------------------------------------------------------ pFedLA
+def test_pfedla_learns_layer_weights_towards_the_clients_updates():
+    s = sim("pfedla", {"hn_lr": 1e-3})
+    server = s.algo.init_server()
+    ups = [train(s, server, c, 1) for c in range(4)]
+    server = s.algo.aggregate(server, ups, 1)  # the clients' models now differ
+    for c in range(4):  # θ_c ← θ_c − Δθ_c
+        assert differ(under(server, f"client/{c}"), under(s.algo.init_server(), f"client/{c}"))
+    sent = s.algo.broadcast(server, 1, 2)
+    upd = train(s, server, 1, 2)
+    trained = {k: sent[k] - v for k, v in under(upd.upload, "delta").items()}
+    after = s.algo.aggregate(server, [upd], 2)
+    keys = list(trained)
+    # with the clients' models held fixed, the new layer weights give an aggregate nearer the trained model
+    moved = {**after, **{k: v for k, v in server.items() if k.startswith("client/")}}
+    assert sq_dist(s.algo.broadcast(moved, 1, 3), trained, keys) < sq_dist(sent, trained, keys)
+    assert not torch.equal(after["hn/1/heads.0.weight"], server["hn/1/heads.0.weight"])
+    assert torch.equal(after["hn/0/heads.0.weight"], server["hn/0/heads.0.weight"]), "only the client's own HN moves"
+
+
+def test_pfedla_differs_from_fedavg_and_local():
+    res = run("pfedla", rounds=3)
+    assert accs(res)[1:] != accs(run("fedavg", rounds=3), "global_acc")[1:]
+    assert accs(res)[1:] != accs(run("local", rounds=3))[1:]
+    assert res.records[-1]["personalized_acc"] > 0.5
