@@ -31,7 +31,7 @@ from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries
 from ..core.params import HyperParams, hp
 from .mechanics import (aggregate_prototypes, message_to_prototypes, nearest_prototype_scores, prototype_matrix,
-                        prototype_update, require_common_feature_dim)
+                        prototype_mse, prototype_update, require_common_feature_dim)
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -78,8 +78,7 @@ class FedProto(Algorithm):
 
     def regulariser(self, z: torch.Tensor, target: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         """λ-free distance term between features and their class's global prototype (batch mean)."""
-        sq = ((z - target) ** 2).sum(1) * has
-        return sq.sum() / (z.shape[0] * z.shape[1])
+        return prototype_mse(z, target, has)
 
     def weight(self) -> float:
         return float(self.hp.lam)
