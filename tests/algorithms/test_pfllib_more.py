@@ -6,6 +6,7 @@ reduces the method to its base exactly, and one behavioural check of the mechani
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 
 import numpy as np
@@ -21,6 +22,8 @@ from tests.algorithms.helpers import differ, run, same_tensors, sim, strip, trai
 from tests.algorithms.helpers import _one_torch_thread, fedavg  # noqa: F401  (fixtures)
 
 GLOBAL_KEYS = ("global_acc", "global_loss", "loss", "bytes_up", "bytes_down")
+needs_clarabel = pytest.mark.skipif(importlib.util.find_spec("clarabel") is None,
+                                    reason="FedPAC's QP solver is not installed (pip install clarabel)")
 
 
 def runtime(s, cid: int, rnd: int, kind: str = "train") -> ClientRuntime:
@@ -351,6 +354,7 @@ def select_body(d: dict) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- FedPAC
+@needs_clarabel
 def test_fedpac_head_weights_are_a_convex_combination():
     rng = torch.Generator().manual_seed(0)
     v = torch.rand(5, generator=rng).double().numpy() * 0.1
@@ -365,6 +369,7 @@ def test_fedpac_head_weights_are_a_convex_combination():
     assert fedpac.combination_weights(v, far, 0)[3] == 0.0
 
 
+@needs_clarabel
 def test_fedpac_statistics_and_head_combination():
     s = sim("fedpac")
     rt = runtime(s, 2, 1)
@@ -394,6 +399,7 @@ def test_fedpac_statistics_and_head_combination():
     assert {k for k in out if k.startswith("proto/")}  # global prototypes for the next round
 
 
+@needs_clarabel
 def test_fedpac_feature_alignment_acts():
     assert ALGORITHMS.get("fedpac").Params().lam == 1.0
     assert differ(run("fedpac").server, run("fedpac", {"lam": 0}).server)
