@@ -309,6 +309,99 @@ def fedcp_spec():
                     ff_server_view=lambda h, st: dict(st), pf_sync=pf_sync)
 
 
+class _PerSampleNorm:
+    """``torch`` as PFLlib's clientgpfl sees it, except that ``torch.norm(F, 2)`` of the (batch × d) difference is the
+    batch mean of the per-sample L2 norms: fedforge's magnitude term (documented in gpfl.py)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def norm(v, p=2):
+        assert p == 2 and v.dim() == 2
+        return v.norm(dim=1).mean()
+
+
+def gpfl_spec(aligned: bool = True):
+    """GPFL with the authors' -lam 0.01 -mu 0.1 on both sides. GCE and CoV start from fedforge's weights, and both
+    count a client's classes over all its training samples (PFLlib counts one shuffled drop_last pass). The two
+    differences documented in gpfl.py are aligned on PFLlib's side with ``aligned``: (1) the conditional inputs ḡ,
+    p_i come from the received GCE (PFLlib's set_GCE computes them from the client's previous GCE, and they are
+    zeros before a client's first aggregation): calling PFLlib's own set_GCE a second time with the same GCE gives
+    its formula on the received GCE; (2) the magnitude term is the batch mean of per-sample L2 distances (PFLlib: one
+    norm over the whole batch)."""
+    from fedforge.algorithms import gpfl as ff_gpfl  # noqa: F401
+
+    def cov_name(n):
+        branch, idx, leaf = n.split(".")  # Conditional_gamma.0.weight
+        return f"cov/{branch.split('_')[1]}.{'fc' if idx == '0' else 'ln'}.{leaf}"
+
+    def named(mod, kind):
+        if kind == "gce":
+            return {"gce/embedding": mod.embedding.weight.detach().clone()}
+        return {cov_name(n): p.detach().clone() for n, p in mod.named_parameters()}
+
+    def load_named(mod, st, kind):
+        with torch.no_grad():
+            if kind == "gce":
+                mod.embedding.weight.copy_(st["gce/embedding"])
+            else:
+                for n, p in mod.named_parameters():
+                    p.copy_(st[cov_name(n)])
+
+    def counts(h, c):
+        spc = torch.bincount(h.fed.train_labels(c.id), minlength=10).float()
+        return spc / spc.sum()
+
+    def pf_setup(h):
+        for c in h.pf.clients:
+            c.sample_per_class = counts(h, c)
+            load_named(c.GCE, h.server, "gce")
+            load_named(c.GCE_frozen, h.server, "gce")
+            load_named(c.CoV, h.server, "cov")
+            if aligned:
+                c.set_GCE(c.GCE)  # conditional inputs from the GCE this first round trains with
+        if aligned:
+            h.patch(import_pfllib("flcore.clients.clientgpfl"), "torch", _PerSampleNorm())
+
+    def resend_gce(h, srv):
+        if aligned:
+            for c in srv.clients:
+                c.set_GCE(srv.GCE)  # second call: PFLlib's formula on the GCE just received
+
+    def pf_aggregate(h, srv, r):
+        srv.receive_models()
+        srv.aggregate_parameters()
+        srv.send_models()
+        srv.global_GCE()
+        srv.global_CoV()
+        resend_gce(h, srv)
+
+    def pf_client(h, c):
+        return {**pf_params(c.model), **named(c.GCE, "gce"), **named(c.CoV, "cov")}
+
+    def ff_client(h, u):
+        return {**u.upload, **u.state}
+
+    def pf_server(h, srv):
+        return {**pf_params(srv.global_model, "base"), **named(srv.GCE, "gce"), **named(srv.CoV, "cov")}
+
+    def pf_sync(h, srv, st):
+        load_pf(srv.global_model, st, "base")
+        load_named(srv.GCE, st, "gce")
+        load_named(srv.CoV, st, "cov")
+        srv.send_models()
+        for c in srv.clients:
+            c.set_GCE(srv.GCE)
+            c.set_CoV(srv.CoV)
+        resend_gce(h, srv)
+
+    return AlgoSpec("gpfl", "GPFL", "servergpfl.GPFL", ff_params={"lam": 0.01, "mu": 0.1},
+                    pf_args={"lamda": 0.01, "mu": 0.1}, pf_setup=pf_setup, pf_send=lambda h, srv, r: None,
+                    pf_aggregate=pf_aggregate, pf_client_view=pf_client, ff_client_view=ff_client,
+                    pf_server_view=pf_server, ff_server_view=lambda h, st: dict(st), pf_sync=pf_sync)
+
+
 SPECS = {
     "fedavg": lambda: AlgoSpec("fedavg", "FedAvg", "serveravg.FedAvg"),
     # mu = 1 (the top of the paper's grid) on both sides; PFLlib's default 0 would make it FedAvg
@@ -331,6 +424,7 @@ SPECS = {
     "ditto": ditto_spec,
     "fedala": fedala_spec,
     "fedcp": fedcp_spec,
+    "gpfl": gpfl_spec,
 }
 
 
@@ -370,3 +464,10 @@ def test_fedbabu_finetune_equivalence(data):
             assert_same(pf_params(c.model), model_entries(state), f"fedbabu, client {cid} after fine-tuning")
     finally:
         h.close()
+
+
+def test_gpfl_differs_from_pfllib_only_by_the_documented_choices(data):
+    """Without the two alignments of gpfl_spec (conditional inputs from the received GCE; per-sample magnitude term)
+    PFLlib's GPFL computes another update; with them (test_step_equivalence[gpfl]) the two agree."""
+    with pytest.raises(AssertionError, match="round 1, client 0 after its local update"):
+        step_equivalence(gpfl_spec(aligned=False), data)
