@@ -20,7 +20,8 @@ client. A client is evaluated with h_i(CoV(φ(x), p_i)) on the received φ, GCE 
 Differences from the authors' code (which PFLlib copies):
 
 * ḡ and p_i are computed from the GCE the client receives this round; the authors' code computes them from the
-  client's own GCE as it was after its last local training (for a client's first round, from the initial GCE).
+  client's own GCE as it was after its last local training, and before a client's first aggregation they are zero
+  vectors (no conditioning at all in the first round).
 * The magnitude term is the mean over the batch of each sample's L2 distance; the authors' code takes one L2 norm
   over the whole (batch × d) difference, which is larger by about √batch_size.
 * GCE and CoV start from weights drawn from the run's seed (GCE: N(0, 1) embeddings; CoV: PyTorch's Linear
