@@ -125,15 +125,15 @@ def test_fedphp_defaults_are_the_authors_and_act(fedavg):
 def test_fedphp_hpm_is_a_moving_average_with_rising_momentum():
     s = sim("fedphp", rounds=4)
     algo = s.algo
-    assert [fedphp.hpm_momentum(0.9, t, 4) for t in (1, 2, 3, 4)] == pytest.approx([0.0, 0.225, 0.45, 0.675])
+    assert [fedphp.hpm_momentum(0.9, t, 4) for t in (1, 2, 3, 4)] == pytest.approx([0.0, 0.3, 0.6, 0.9])
     server = algo.init_server()
     old = {k: v + 0.1 * torch.randn_like(v) if v.is_floating_point() else v for k, v in server.items()}
     upd = train(s, server, 1, 3, state=with_prefix(old, "hpm"))
     hpm = under(upd.state, "hpm")
     for k, v in upd.upload.items():
         if v.is_floating_point():
-            assert torch.allclose(hpm[k], 0.45 * old[k] + 0.55 * v, atol=1e-6)
-    assert upd.metrics["hpm_momentum"] == pytest.approx(0.45)
+            assert torch.allclose(hpm[k], 0.6 * old[k] + 0.4 * v, atol=1e-6)
+    assert upd.metrics["hpm_momentum"] == pytest.approx(0.6)
 
 
 # ------------------------------------------------------------------------------------------ FedCross

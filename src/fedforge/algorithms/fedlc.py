@@ -14,7 +14,8 @@ step for step. τ = 1 is the paper's default (and PFLlib's ``-tau 1.0``).
 ``counts`` chooses whose label counts set the margins: ``local`` (the paper: the client's own n_{k,c}) or
 ``global`` (PFLlib's ``serverlc.py``: the counts summed over all clients, so every client uses the same margins).
 ``global`` reads the other clients' label counts from the simulated federation, which a real deployment would have
-to collect; it is there to reproduce PFLlib.
+to collect; it is there to reproduce PFLlib (which counts the labels of a shuffled pass that drops the last
+incomplete batch; here every training sample counts).
 
 Deliberate differences from PFLlib: the default margins are the client's own (see above); a class that nobody
 holds would give PFLlib an infinite margin and, with τ = 0, a NaN (0·∞); here it is left out of the softmax when

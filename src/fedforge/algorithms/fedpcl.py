@@ -20,7 +20,8 @@ Deliberate differences from PFLlib (``clientpcl.py``/``serverpcl.py``): similari
 (PFLlib stacks prototypes in the order their classes were first seen, so the cross-entropy targets index the wrong
 columns unless that order happens to be 0 … C−1); a class without a global prototype is left out of the softmax
 (PFLlib fails then); at inference the classes without a local prototype score lowest (PFLlib scores them 0); a client
-evaluated before it has prototypes uses those of its current model (PFLlib reports 0 accuracy). The authors' loss is a
+evaluated before it has prototypes uses those of its current model (PFLlib reports 0 accuracy); prototypes average
+every training sample in eval mode (PFLlib: a shuffled pass that drops the last incomplete batch). The authors' loss is a
 supervised contrastive loss over two augmented views; here, as in PFLlib, one view and a prototype cross-entropy.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every client keeps an inherited private model (HPM) v_k, a temporal ensemble of 
 to supervise the next round's training of the downloaded global model w^t:
 
     w_k ← SGD from w^t on   (1 − λ) · CE(h(f_w(x)), y) + λ · MMD²(f_w(x), f_{v_k}(x))     (v_k frozen)
-    v_k ← μ_t · v_k + (1 − μ_t) · w_k,      μ_t = μ · (t − 1) / T   (t = 1 … T: grows from 0 towards μ)
+    v_k ← μ_t · v_k + (1 − μ_t) · w_k,      μ_t = μ · (t − 1) / (T − 1)   (t = 1 … T: grows from 0 to μ)
     server: w^{t+1} = Σ_k (n_k / n) · w_k
 
 MMD² uses RBF kernels exp(−‖a − b‖² / (2a)), a ∈ {10, 15, 20, 50}, on the feature vectors (PFLlib's kernel, shared
@@ -20,7 +20,8 @@ trained model and multiply the cross-entropy by 1 − λ = 0, so the model learn
 
 Deliberate differences from PFLlib (``clientphp.py``): the personalized view is the HPM (PFLlib evaluates the
 locally trained model of the round's clients and the global model of the others); μ_t counts rounds, as PFLlib
-does (the authors count the client's own participations and cap μ at 0.9); the HPM update covers every floating
+does (PFLlib's μ·R/gr over its rounds R = 0 … gr; the authors count the client's own participations against the
+expected number and cap μ at 0.9); the HPM update covers every floating
 state entry (PFLlib: parameters only).
 """
 from __future__ import annotations
@@ -42,12 +43,12 @@ HPM = "hpm"
 @dataclass(frozen=True)
 class FedPHPParams(HyperParams):
     lam: float = hp(0.1, "weight λ of the MMD transfer from the HPM; the cross-entropy gets 1 − λ (0: FedAvg's loss)", ge=0, le=1)
-    mu: float = hp(0.9, "largest HPM momentum μ; round t uses μ·(t−1)/T (0: the HPM is the last trained model)", ge=0, le=1)
+    mu: float = hp(0.9, "HPM momentum μ of the last round; round t of T uses μ·(t−1)/(T−1) (0: the HPM is the last trained model)", ge=0, le=1)
 
 
 def hpm_momentum(mu: float, rnd: int, rounds: int) -> float:
-    """μ_t = μ · (t − 1) / T for round t = 1 … T."""
-    return mu * (rnd - 1) / max(rounds, 1)
+    """μ_t = μ · (t − 1) / (T − 1) for round t = 1 … T (0 in a one-round run)."""
+    return mu * (rnd - 1) / max(rounds - 1, 1)
 
 
 @register_algorithm("fedphp", summary="FedPHP (Li et al., ECML PKDD 2021): inherited private model (moving average) guides local training by MMD")
