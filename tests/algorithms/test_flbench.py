@@ -193,3 +193,37 @@ def test_pfedla_differs_from_fedavg_and_local():
     assert accs(res)[1:] != accs(run("fedavg", rounds=3), "global_acc")[1:]
     assert accs(res)[1:] != accs(run("local", rounds=3))[1:]
     assert res.records[-1]["personalized_acc"] > 0.5
+
+
+# ------------------------------------------------------------------------------------------------ CCVR
+def test_ccvr_trains_as_fedavg_and_calibrates_the_classifier_of_the_round_model():
+    fedavg = run("fedavg")
+    res = run("ccvr")
+    assert accs(res, "uncalibrated_acc") == accs(fedavg, "global_acc")
+    for k, v in model_entries(fedavg.server).items():
+        assert torch.equal(res.server[k], v), k
+    plain = run("ccvr", {"samples_per_class": 0})
+    # without virtual features the judged model is the round's broadcast model, one round behind FedAvg's
+    assert accs(plain, "global_acc")[1:] == accs(fedavg, "global_acc")[:-1]
+    assert accs(res, "global_acc")[1:] != accs(fedavg, "global_acc")[:-1]
+    cal = under(res.server, "calibrated")
+    before = under(plain.server, "calibrated")
+    assert all(torch.equal(cal[k], before[k]) for k in cal if k.startswith("features."))
+    assert differ({k: cal[k] for k in cal if k.startswith("head.")}, before)
+
+
+def test_ccvr_pools_client_statistics_into_the_union_statistics():
+    from fedforge.algorithms.ccvr import class_statistics, pooled_statistics
+
+    torch.manual_seed(0)
+    z = torch.randn(300, 6, dtype=torch.float64) * 3 + 1
+    y = torch.randint(0, 4, (300,))
+    cuts = [0, 40, 170, 300]
+    uploads = [class_statistics(z[a:b], y[a:b], 4) for a, b in zip(cuts, cuts[1:])]
+    pooled = pooled_statistics(uploads)
+    for c in range(4):
+        zc = z[y == c]
+        n, mu, cov = pooled[c]
+        assert n == zc.shape[0]
+        torch.testing.assert_close(mu, zc.mean(0), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cov, torch.cov(zc.T), rtol=1e-4, atol=1e-4)
