@@ -11,9 +11,11 @@ Every run option of `fedforge run` is accepted (``--dataset --model --partition 
 and applies to all algorithms; ``--set ALGO.KEY=VALUE`` sets one algorithm's hyper-parameter (paper defaults
 otherwise). The out-dir holds one run directory per algorithm, the shared ``partition.npz`` (made once, so every
 method sees the same split) and ``scenario.json``. The script is resumable: a finished run (``summary.json``
-present) is skipped, an unfinished one is deleted and run again, and the table and plot are rebuilt after every
-run from *all* finished runs in the out-dir, so a later call with a longer ``--algorithms`` list only runs the
-missing ones. A call whose scenario differs from the out-dir's stops with an error instead of mixing scenarios.
+present) is skipped, an unfinished one is resumed from its last checkpoint, and the table and plot are rebuilt
+after every run from *all* finished runs in the out-dir, so a later call with a longer ``--algorithms`` list only
+runs the missing ones. A call whose scenario differs from the out-dir's stops with an error instead of mixing
+scenarios. The runs go through :class:`fedforge.sweep.Sweep` (a grid over the algorithms, one seed) and the table
+uses :mod:`fedforge.results.report`; `fedforge sweep` is the general tool (seeds, hyper-parameter grids, mean ± std).
 
 Table columns: best, last and mean of the last 5 evaluations of the global and the personalized accuracy (%),
 training seconds per round (evaluation excluded), and megabytes uploaded/downloaded per round (all clients).
@@ -28,18 +30,17 @@ import dataclasses
 import json
 import math
 import shlex
-import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 from fedforge.config import RunConfig, build_config, parse_value
 from fedforge.errors import ConfigError, FedforgeError
+from fedforge.results.report import RESULT_NEUTRAL, markdown_table, write_markdown
+from fedforge.sweep import config_diff, resolved_params
 
-NOTES_MARK = "<!-- notes -->"
 # RunConfig fields that are set per algorithm or that do not change results: not part of the scenario
-NOT_SCENARIO = ("algorithm", "params", "partition_file", "executor", "device", "eval_batch_size")
+NOT_SCENARIO = ("algorithm", "params", *RESULT_NEUTRAL)
 SUMMARY_COLUMNS = [  # (key of fedforge.results.report.rows_for, heading, format)
     ("best_global", "global best", ".2f"), ("last_global", "global last", ".2f"), ("mean5_global", "global mean5", ".2f"),
     ("best_pers", "pers. best", ".2f"), ("last_pers", "pers. last", ".2f"), ("mean5_pers", "pers. mean5", ".2f"),
@@ -96,43 +97,15 @@ def scenario_of(cfg: RunConfig) -> dict[str, Any]:
 def scenario_diff(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Differences between a stored scenario and this one ('' if none). A key the stored one lacks (a config
     field added since) counts as its default value; a key this one lacks (a field removed since) is ignored."""
-    defaults = json.loads(json.dumps(scenario_of(RunConfig())))
-    old = {**{k: defaults.get(k) for k in new}, **{k: v for k, v in old.items() if k in new}}
-    new = json.loads(json.dumps(new))
-    return ", ".join(f"{k}={old.get(k)} there, {new.get(k)} here" for k in sorted(new) if old.get(k) != new.get(k))
-
-
-def resolved_params(algorithm: str, params: dict | None) -> dict[str, Any]:
-    from fedforge.core.algorithm import ALGORITHMS
-
-    return ALGORITHMS.get(algorithm).Params.from_dict(params, owner=algorithm).to_dict()
+    return config_diff(old, new, defaults=scenario_of(RunConfig()))
 
 
 # -------------------------------------------------------------------------------------------- runs
-def check_finished(run_dir: Path, algorithm: str, params: dict, scenario: dict) -> None:
-    """A finished run may be reused only if it ran this algorithm with these hyper-parameters on this scenario."""
-    import yaml
-
-    names = {f.name for f in dataclasses.fields(RunConfig)}
-    saved = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
-    cfg = build_config({k: v for k, v in saved.items() if k in names})
-    if cfg.algorithm != algorithm:
-        raise ConfigError(f"{run_dir} holds a finished {cfg.algorithm} run, not {algorithm}; delete it or use another --out-dir.")
-    before, now = resolved_params(algorithm, cfg.params), resolved_params(algorithm, params)
-    if before != now:
-        diff = ", ".join(f"{k}={before.get(k)} there, {now.get(k)} here" for k in now if before.get(k) != now.get(k))
-        raise ConfigError(f"{run_dir} was run with other hyper-parameters ({diff}); delete it to rerun or use another --out-dir.")
-    diff = scenario_diff(scenario_of(cfg), scenario)
-    if diff:
-        raise ConfigError(f"{run_dir} was run on another scenario ({diff}); use another --out-dir.")
-
-
 def run_all(args: argparse.Namespace, base: dict[str, Any], algorithms: list[str], sets: dict[str, dict],
             out_dir: Path, on_finish) -> int:
     """Run the algorithms that have no finished run in ``out_dir``; returns how many ran."""
-    from fedforge import algorithms as _registered  # noqa: F401
-    from fedforge.core.simulation import Simulation, build_partition
-    from fedforge.data import load_dataset
+    from fedforge.core.simulation import build_partition
+    from fedforge.sweep import Point, Sweep
 
     for a in algorithms:  # fail on a bad name or hyper-parameter before any run starts
         resolved_params(a, sets.get(a))
@@ -146,35 +119,18 @@ def run_all(args: argparse.Namespace, base: dict[str, Any], algorithms: list[str
     out_dir.mkdir(parents=True, exist_ok=True)
     scen_file.write_text(json.dumps(scenario, indent=2, sort_keys=True) + "\n")
 
-    ds = load_dataset(probe.dataset, probe.data_root, probe.download, probe.class_subset)
     part_file = Path(probe.partition_file) if probe.partition_file else out_dir / "partition.npz"
+    points = [Point(a, probe.seed, {"algorithm": a}, sets.get(a, {})) for a in algorithms]
+    sweep = Sweep(out_dir, points, overrides={**base, "partition_file": str(part_file)}, progress=args.progress,
+                  bar=False, share_partitions=False, say=lambda msg: print(msg, file=sys.stderr))
     if not part_file.exists() and not probe.partition_file:
-        build_partition(probe, ds).save(part_file)
-
-    ran = 0
-    for i, algo in enumerate(algorithms, 1):
-        run_dir = out_dir / algo
-        params = sets.get(algo, {})
-        tag = f"[{i}/{len(algorithms)}] {algo}"
-        if (run_dir / "summary.json").exists():
-            check_finished(run_dir, algo, params, scenario)
-            print(f"{tag}: finished earlier, kept ({run_dir})", file=sys.stderr)
-            continue
-        if run_dir.exists():
-            print(f"{tag}: unfinished run found, starting it again", file=sys.stderr)
-            shutil.rmtree(run_dir)
-        cfg = build_config(overrides={**base, "algorithm": algo, "partition_file": str(part_file), "out": str(run_dir)},
-                           params=params)
-        print(f"{tag}: running -> {run_dir}", file=sys.stderr)
-        t0 = time.perf_counter()
-        res = Simulation(cfg, run_dir=run_dir, progress=args.progress, dataset=ds).run()
-        best = res.summary["best"]
-        pct = lambda v: "-" if v is None else f"{100 * v:.2f}"  # noqa: E731
-        print(f"{tag}: done in {time.perf_counter() - t0:.0f}s (best global {pct(best.get('global_acc'))}, "
-              f"best personalized {pct(best.get('personalized_acc'))})", file=sys.stderr)
-        ran += 1
+        build_partition(probe, sweep.dataset(probe)).save(part_file)
+    results = sweep.run(on_finish=lambda r: on_finish())
+    failed = [r for r in results if r.status == "failed"]
+    if failed:  # a run that stopped on its own (divergence, too many failed clients); the others went on
         on_finish()
-    return ran
+        raise failed[0].exception
+    return sum(r.ran for r in results)
 
 
 # ------------------------------------------------------------------------------------------- table
@@ -203,8 +159,9 @@ def _fmt(v: Any, spec: str = "") -> str:
     return str(v)
 
 
-def build_table(out_dir: Path, order: list[str], extra: list[str], title: str, command: str, plot: Path | None,
-                keep_notes: str) -> tuple[str, dict[str, list[dict]]]:
+def build_table(out_dir: Path, order: list[str], extra: list[str], title: str, command: str,
+                plot: Path | None) -> tuple[str, dict[str, list[dict]]]:
+    """The Markdown page (without the notes, which :func:`write_markdown` keeps) and each run's metrics."""
     from fedforge import algorithms as _registered  # noqa: F401
     from fedforge.core.algorithm import ALGORITHMS
     from fedforge.results.report import rows_for
@@ -224,8 +181,8 @@ def build_table(out_dir: Path, order: list[str], extra: list[str], title: str, c
     lines += ["Accuracy in % on the clients' test splits, pooled over all clients: *global* judges each client with "
               "the global model, *pers.* with its own model; best, last and mean of the last 5 evaluations "
               "(FedBABU's last evaluation is after fine-tuning). s/round: training seconds per round, evaluation "
-              "excluded, on the machine and threads of the run. MB up/down: bytes moved per round, all clients.", "",
-              "| " + " | ".join(heads) + " |", "|" + "---|" * len(heads)]
+              "excluded, on the machine and threads of the run. MB up/down: bytes moved per round, all clients.", ""]
+    table: list[list[str]] = []
     hparams: list[str] = []
     for path, row in zip(runs, rows):
         cfg, summary, records = load_run(path)
@@ -239,36 +196,27 @@ def build_table(out_dir: Path, order: list[str], extra: list[str], title: str, c
             kind, hp = "?", cfg.get("params") or {}
         cells = [path.name, kind] + [_fmt(row[k], spec) for k, _, spec in SUMMARY_COLUMNS]
         cells += [_fmt(row[key] if key in row else _last_value(records, summary, key)) for key in extra]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.append(cells)
         if hp:
             hparams.append(f"- {path.name}: " + ", ".join(f"{k}={v}" for k, v in hp.items()))
+    lines += markdown_table(heads, table)
     if not runs:
         lines.append("| (no finished run yet) |" + " |" * (len(heads) - 1))
     if hparams:
         lines += ["", "Hyper-parameters (paper defaults unless set with `--set`):", ""] + hparams
     if plot is not None and curves:
         lines += ["", f"![accuracy per round]({plot.name})"]
-    lines += ["", NOTES_MARK]
-    if keep_notes:
-        lines.append(keep_notes.rstrip("\n"))
     return "\n".join(lines) + "\n", curves
 
 
 def write_outputs(args: argparse.Namespace, out_dir: Path, algorithms: list[str], extra: list[str], command: str) -> None:
     from fedforge.results.plots import plot_comparison
-    from fedforge.results.rundir import atomic_write_text
 
     table = Path(args.table) if args.table else out_dir / "comparison.md"
     plot = Path(args.plot) if args.plot else table.with_suffix(".png")
-    notes = ""
-    if table.exists():
-        text = table.read_text()
-        if NOTES_MARK in text:
-            notes = text.split(NOTES_MARK, 1)[1].lstrip("\n")
     title = args.title or default_title(out_dir)
-    md, curves = build_table(out_dir, algorithms, extra, title, command, plot, notes)
-    table.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(table, md)
+    md, curves = build_table(out_dir, algorithms, extra, title, command, plot)
+    write_markdown(table, md)  # text below the line <!-- notes --> of the file it replaces is kept
     if curves:
         plot.parent.mkdir(parents=True, exist_ok=True)
         plot_comparison(curves, plot, title=title)

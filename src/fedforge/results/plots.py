@@ -78,3 +78,56 @@ def plot_comparison(runs: dict[str, list[dict]], path: str | os.PathLike, key: s
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+VIEWS = (("global_acc", "global model"), ("personalized_acc", "personalized"))
+
+
+def group_curve(runs: list[list[dict]], key: str) -> tuple[list[int], list[float], list[float | None]]:
+    """(rounds, mean, sample std) of metric ``key`` over ``runs`` (each a metrics log), at the rounds where every run
+    has a value (training stage only); the std is None for a single run."""
+    import statistics
+
+    per_run = [{r["round"]: r[key] for r in recs if r.get(key) is not None and r.get("stage", "train") == "train"}
+               for recs in runs]
+    rounds = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
+    mean = [statistics.fmean(d[t] for d in per_run) for t in rounds]
+    std = [statistics.stdev(d[t] for d in per_run) if len(per_run) > 1 else None for t in rounds]
+    return rounds, mean, std
+
+
+def plot_groups(groups: dict[str, list[list[dict]]], path: str | os.PathLike, title: str = "") -> Path:
+    """One curve per group of runs (label → the runs' metrics logs): the mean accuracy over the group's runs (its
+    seeds) per round, with a ±1 sample-std band; one panel per view (global model, personalized) that any group has."""
+    plt = _mpl()
+    from matplotlib.ticker import MaxNLocator
+
+    views = [(k, name) for k, name in VIEWS if any(group_curve(runs, k)[0] for runs in groups.values())]
+    fig, axes = plt.subplots(1, max(1, len(views)), figsize=(7 * max(1, len(views)), 4.5), squeeze=False)
+    for ax, (key, name) in zip(axes[0], views):
+        for i, (label, runs) in enumerate(groups.items()):
+            rounds, mean, std = group_curve(runs, key)
+            if not rounds:
+                continue
+            pct = [100 * m for m in mean]
+            line, = ax.plot(rounds, pct, marker=".", label=f"{label} (n={len(runs)})", color=f"C{i % 10}")
+            if len(runs) > 1:
+                ax.fill_between(rounds, [m - 100 * s for m, s in zip(pct, std)], [m + 100 * s for m, s in zip(pct, std)],
+                                color=line.get_color(), alpha=0.2, linewidth=0)
+        ax.set_title(name)
+        ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("test accuracy (%), mean ± std over seeds")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=1 if len(groups) < 8 else 2)
+    if not views:
+        axes[0][0].text(0.5, 0.5, "no accuracy recorded", ha="center", va="center")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name("." + path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
