@@ -290,7 +290,8 @@ class AlgoSpec:
     ``global_model``, fedforge's model entries).
     ``pf_train(h, client, rnd)``: PFLlib's local update (default ``client.train()``).
     ``pf_aggregate(h, server, rnd)``: default ``receive_models()`` + ``aggregate_parameters()``.
-    ``pf_setup(h)``: after both sides are built (e.g. to align a PFLlib quirk that the spec documents).
+    ``pf_setup(h)``: after both sides are built (e.g. to align a PFLlib quirk that the spec documents);
+    ``pf_pre_build(h)``: before PFLlib's server is constructed (for servers whose constructor trains clients).
     ``pf_sync(h, server, ff_state)``: once a round's server views agreed, copy fedforge's server state into PFLlib's
     server (default: fedforge's model weights into ``global_model``, which holds ``pf_part``), so that each round
     starts from identical weights (see :meth:`Harness.sync`).
@@ -311,6 +312,7 @@ class AlgoSpec:
     pf_train: Callable[["Harness", Any, int], None] | None = None
     pf_aggregate: Callable[["Harness", Any, int], None] | None = None
     pf_setup: Callable[["Harness"], None] | None = None
+    pf_pre_build: Callable[["Harness"], None] | None = None  # before PFLlib's server is constructed
     pf_part: str = "model"  # what PFLlib's server.global_model holds after aggregation: model, base or head
     pf_sync: Callable[["Harness", Any, dict], None] | None = None
     ctx: dict = field(default_factory=dict)  # Context overrides (lr, batch_size, local_epochs)
@@ -356,6 +358,8 @@ class Harness:
         self.draws: dict[int, deque] = {i: deque() for i in range(n)}  # random draws fedforge made, to inject
         self.current_cid: int | None = None  # the client whose fedforge task is running
         self.feeders = {i: EpochFeeder() for i in range(n)}
+        if spec.pf_pre_build:  # e.g. a server whose constructor already trains its clients (FedDBE's warm-up)
+            spec.pf_pre_build(self)
         with self._pfllib_data(), quiet():
             self.pf = server_cls(self.args, 0)
         for c in self.pf.clients:

@@ -471,3 +471,53 @@ def test_gpfl_differs_from_pfllib_only_by_the_documented_choices(data):
     PFLlib's GPFL computes another update; with them (test_step_equivalence[gpfl]) the two agree."""
     with pytest.raises(AssertionError, match="round 1, client 0 after its local update"):
         step_equivalence(gpfl_spec(aligned=False), data)
+
+
+def feddbe_spec():
+    """FedDBE with -mo 0.1 (PFLlib's default momentum of the running mean) and -klw 50 (the authors') on both sides."""
+
+    def pf_pre_build(h):
+        # PFLlib's constructor runs the warm-up: each client reads one batch (to size its vectors), then trains once
+        # without DBE. fedforge's warm-up is its round 1: run it first and hand PFLlib's clients its batches.
+        h.warmup = h.ff_round(1)
+        clientdbe = import_pfllib("flcore.clients.clientdbe")
+        for cid, epochs in h.warmup[1].items():
+            h.feeders[cid].put([epochs[0][:1]] + epochs)  # the sizing read, then the warm-up epoch(s)
+        h.patch(clientdbe.clientDBE, "load_train_data", lambda self, batch_size=None: h.feeders[self.id].loader())
+
+    def pf_client(h, c):
+        return {**pf_params(c.model), "dbe/bias": c.client_mean.detach().clone()}
+
+    def ff_client(h, u):
+        return {**model_entries(u.upload), "dbe/bias": u.state["dbe/bias"]}
+
+    return AlgoSpec("feddbe", "FedDBE", "serverdbe.FedDBE", ff_params={"momentum": 0.1, "kappa": 50.0},
+                    pf_args={"momentum": 0.1, "kl_weight": 50.0}, pf_pre_build=pf_pre_build,
+                    pf_client_view=pf_client, ff_client_view=ff_client)
+
+
+def test_step_equivalence_feddbe(data):
+    """FedDBE: PFLlib's warm-up (in its server's constructor) equals fedforge's warm-up round (round 1: plain
+    cross-entropy, uploads of the running means, z̄ᵍ their sample-weighted mean); then PFLlib's first DBE round equals
+    fedforge's round 2 once PFLlib starts it from fedforge's averaged warm-up model. That start is the one documented
+    difference: PFLlib discards the warm-up models and starts from the initial model."""
+    h = Harness(feddbe_spec(), *data)
+    try:
+        updates, _ = h.warmup
+        for c in h.pf.clients:
+            assert h.feeders[c.id].drained
+            u = updates[c.id]
+            assert_same(pf_params(c.model), model_entries(u.upload), f"feddbe warm-up, client {c.id}")
+            assert_same({"m": c.running_mean}, {"m": u.upload["dbe/mean"]}, f"feddbe warm-up mean, client {c.id}")
+        h.server = h.algo.aggregate(h.server, list(updates.values()), 1)
+        for c in h.pf.clients:
+            assert_same({"g": c.global_mean}, {"g": h.server["dbe/global_mean"]}, f"feddbe global mean, client {c.id}")
+        assert not torch.equal(h.pf.global_model.head.weight, h.server["head.weight"])  # PFLlib: still the initial model
+        h.sync()  # the documented difference, aligned: PFLlib's round 0 starts from fedforge's warm-up average
+        r = h.round(2)
+        for cid, (pf, ff) in r.clients.items():
+            assert_same(pf, ff, f"feddbe, round 2, client {cid} after its local update")
+            assert ff["dbe/bias"].abs().max() > 0  # the personal bias trained
+        assert_same(*r.server, "feddbe, round 2, server after aggregation")
+    finally:
+        h.close()
