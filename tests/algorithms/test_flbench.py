@@ -227,3 +227,36 @@ def test_ccvr_pools_client_statistics_into_the_union_statistics():
         assert n == zc.shape[0]
         torch.testing.assert_close(mu, zc.mean(0), rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cov, torch.cov(zc.T), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ FedAP
+def inverted_digits():
+    """`digits` twice: clients 0-2 hold the images as they are, clients 3-5 the inverted images (a feature shift)."""
+    import dataclasses
+
+    ds = flipped_digits()
+    return dataclasses.replace(ds, name="digits-inverted", x=np.concatenate([ds.x[: len(ds.x) // 2],
+                                                                          255 - ds.x[len(ds.x) // 2:]]),
+                               y=np.concatenate([ds.y[: len(ds.y) // 2]] * 2))
+
+
+def test_fedap_with_a_full_warm_up_is_fedavg_without_normalisation_layers():
+    fedavg = run("fedavg")
+    res = run("fedap", {"warm_up": 1.0})
+    assert accs(res) == accs(fedavg, "global_acc")
+    default = run("fedap", rounds=4)
+    assert accs(default)[3:] != accs(run("fedavg", rounds=4), "global_acc")[3:]
+
+
+def test_fedap_weighs_clients_with_similar_feature_statistics_more():
+    shifted = inverted_digits()
+    res = run_on(shifted, "fedap", {"warm_up": 0.5}, clients=6, rounds=4, model="cnn_bn")
+    s = sim("fedap", {"warm_up": 0.5}, clients=6, rounds=4, model="cnn_bn")
+    W = s.algo.weights(res.server)  # from the statistics the clients sent (the same architecture and settings)
+    assert torch.allclose(W.sum(1), torch.ones(6, dtype=W.dtype)) and torch.allclose(torch.diagonal(W), torch.full((6,), 0.5, dtype=W.dtype))
+    for i in range(6):
+        same = [float(W[i, j]) for j in range(6) if j != i and (j < 3) == (i < 3)]
+        other = [float(W[i, j]) for j in range(6) if (j < 3) != (i < 3)]
+        assert min(same) > max(other), (i, same, other)
+    # normalisation layers never leave the clients
+    assert not any("running_mean" in k for k in res.server)
