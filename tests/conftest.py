@@ -8,6 +8,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The device on which the registry-driven contract suites (test_contract.py, test_checkpoint_contract.py) run every
+# algorithm: `FEDFORGE_TEST_DEVICE=cuda pytest tests/test_contract.py` checks them all on a GPU; the CPU by default.
+TEST_DEVICE = os.environ.get("FEDFORGE_TEST_DEVICE", "cpu")
+
 
 def shared_data_root() -> Path:
     env = os.environ.get("FEDFORGE_DATA")

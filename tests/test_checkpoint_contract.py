@@ -4,6 +4,7 @@ For each algorithm: 3 uninterrupted rounds with a checkpoint after every round. 
 copy of the run directory is taken: it holds the checkpoint of round 2 and a metrics log that runs ahead of it, as
 a run killed at that moment would. A fresh Simulation (fresh algorithm object, fresh workers) resumes the copy for
 the last round; its metrics, server state and every client's state must equal the uninterrupted run's, bit for bit.
+Both runs use ``$FEDFORGE_TEST_DEVICE`` (default ``cpu``; ``cuda`` checks the round trip of every algorithm on a GPU).
 An algorithm that keeps state in Python attributes between rounds (instead of the server state dict or the client
 states) fails here. The stop-on-request path (SIGINT/SIGTERM) is covered in test_resume.py.
 """
@@ -22,6 +23,7 @@ from fedforge.core.checkpoint import load_checkpoint, save_checkpoint
 from fedforge.core.simulation import Simulation, resume_config
 from fedforge.core.store import MemoryStore
 from fedforge.generative.base import GeneratorError
+from tests.conftest import TEST_DEVICE
 
 def _timing(key: str) -> bool:
     """Wall-clock measurements (seconds, eval_seconds, server_seconds, metrics/align_seconds, ...) differ run to run."""
@@ -31,7 +33,7 @@ def _timing(key: str) -> bool:
 # Small and fast, but with client sampling (join_ratio < 1) so that some clients sit out a round and their states
 # must survive the checkpoint unchanged.
 BASE = dict(dataset="digits", model="mlp", clients=4, join_ratio=0.75, rounds=3, batch_size=16, lr=0.05,
-            eval_every=1, checkpoint_every=1, seed=3, threads=1)
+            eval_every=1, checkpoint_every=1, seed=3, threads=1, device=TEST_DEVICE)
 
 
 # Server-side loops whose length does not matter for a checkpoint test, kept short so that the test stays fast.

@@ -1,4 +1,8 @@
-"""Contract tests driven by the registry: every registered algorithm runs, gives finite metrics, repeats itself."""
+"""Contract tests driven by the registry: every registered algorithm runs, gives finite metrics, repeats itself.
+
+They run on ``$FEDFORGE_TEST_DEVICE`` (default ``cpu``): ``FEDFORGE_TEST_DEVICE=cuda pytest tests/test_contract.py``
+runs every registered algorithm on a GPU.
+"""
 from __future__ import annotations
 
 import math
@@ -7,8 +11,10 @@ import pytest
 
 import fedforge
 from fedforge.algorithms import ALGORITHMS
+from tests.conftest import TEST_DEVICE
 
-TINY = dict(dataset="digits", clients=4, rounds=2, lr=0.05, batch_size=32, partition="dirichlet", alpha=0.5)
+TINY = dict(dataset="digits", clients=4, rounds=2, lr=0.05, batch_size=32, partition="dirichlet", alpha=0.5,
+            device=TEST_DEVICE)
 
 
 def _accs(res):

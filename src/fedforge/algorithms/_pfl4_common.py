@@ -50,7 +50,7 @@ def require_split(ctx: Context, algorithm: str) -> FedModel:
     with torch.no_grad():
         was = model.training
         model.eval()
-        z = model.features(torch.zeros(2, *ctx.input_shape))
+        z = model.features(torch.zeros(2, *ctx.input_shape, device=next(model.parameters()).device))
         model.train(was)
     if z.dim() != 2 or z.shape[1] != model.feature_dim or model.feature_dim <= 0:
         raise ConfigError(f"{algorithm} needs features(x) to return vectors of feature_dim={model.feature_dim}, but model "
@@ -59,10 +59,12 @@ def require_split(ctx: Context, algorithm: str) -> FedModel:
 
 
 def gumbel_softmax(logits: torch.Tensor, tau: float, generator: torch.Generator | None, dim: int = -1) -> torch.Tensor:
-    """softmax((logits + g) / tau) with g ~ Gumbel(0, 1) drawn from ``generator``; without a generator, no noise."""
+    """softmax((logits + g) / tau) with g ~ Gumbel(0, 1) drawn from ``generator`` (on the generator's device, then
+    moved to the logits'); without a generator, no noise."""
     if generator is None:
         return F.softmax(logits / tau, dim=dim)
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device, logits.dtype)
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float32, device=generator.device)
+    u = u.to(logits.device, logits.dtype)
     g = -torch.log(-torch.log(u.clamp_(1e-20, 1.0 - 1e-7)))
     return F.softmax((logits + g) / tau, dim=dim)
 

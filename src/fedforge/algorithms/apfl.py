@@ -47,7 +47,8 @@ class APFL(Algorithm):
     has_global = True
 
     def init_client(self, rt) -> State:
-        return {**with_prefix(rt.initial_params(), "v"), "apfl/alpha": torch.tensor(float(self.hp.alpha))}
+        return {**with_prefix(rt.initial_params(), "v"),
+                "apfl/alpha": torch.tensor(float(self.hp.alpha), device=rt.device)}
 
     def local_update(self, rt, msg: Message, state: State) -> Update:
         w_model = rt.model

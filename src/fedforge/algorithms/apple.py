@@ -50,8 +50,12 @@ class APPLE(Algorithm):
 
     @property
     def prior(self) -> torch.Tensor:
-        """p_0: each client's share of the federation's training samples."""
-        n = torch.tensor(self.ctx.train_sizes, dtype=torch.float32)
+        """p_0: each client's share of the federation's training samples (on the run's device)."""
+        return self.prior_on(self.ctx.device)
+
+    def prior_on(self, device: torch.device | str) -> torch.Tensor:
+        """p_0 on ``device``."""
+        n = torch.tensor(self.ctx.train_sizes, dtype=torch.float32, device=device)
         return n / n.sum()
 
     def prior_weight(self, rnd: int) -> float:
@@ -82,7 +86,7 @@ class APPLE(Algorithm):
     # ------------------------------------------------------------------------------------- client
     def init_client(self, rt) -> State:
         init = rt.initial_params()
-        return {**with_prefix(init, "own"), "apple/p": self.prior.clone(), **init}
+        return {**with_prefix(init, "own"), "apple/p": self.prior_on(rt.device), **init}
 
     def local_update(self, rt, msg: Message, state: State) -> Update:
         n, cid = self.ctx.num_clients, rt.cid
@@ -98,9 +102,9 @@ class APPLE(Algorithm):
         learn_p = self.hp.dr_lr > 0
         if learn_p:
             p.requires_grad_(True)
-        p0 = self.prior.to(p.device)
+        p0 = self.prior_on(p.device)
         coef = self.prior_weight(rt.round)
-        other_idx = torch.tensor(others, dtype=torch.long)
+        other_idx = torch.tensor(others, dtype=torch.long, device=p.device)
 
         def loss(m, x, y):
             po = p[other_idx]

@@ -47,7 +47,7 @@ class Ditto(Algorithm):
         # personal model: the same batches, proximal pull towards the received global model
         rt.load(model_entries(state))
         anchors = [glob[n] for n, p in rt.model.named_parameters() if p.requires_grad]
-        replay = torch.Generator().manual_seed(rt.seed)
+        replay = torch.Generator(device=rt.gen.device).manual_seed(rt.seed)  # rt.gen's stream, where it draws
         pstats = rt.train(grad_hook=proximal_grad_hook(anchors, self.hp.lamda), batches=rt.batches(generator=replay))
         metrics = {**stats.as_dict(), "personal_loss": pstats.loss}
         return Update(upload, rt.model_state(), rt.num_train, metrics)

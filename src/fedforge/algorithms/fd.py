@@ -67,7 +67,7 @@ class FD(Algorithm):
     def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
         C = self.ctx.num_classes
-        T, mask = prototype_matrix(message_to_prototypes(msg, C, self.PREFIX), C, C)
+        T, mask = prototype_matrix(message_to_prototypes(msg, C, self.PREFIX), C, C, device=rt.device)
         lam = float(self.hp.lam)
         loss_fn = None
         if lam > 0 and bool(mask.any()):

@@ -155,7 +155,8 @@ class FedALA(Algorithm):
         first = not old_w
         weights = {n: old_w[n] if n in old_w else torch.ones_like(glob[n]) for n in self.names}
         h = self.hp
-        gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "ala", rt.cid, init_round))
+        # the batch order is drawn where the task's own batch orders are (rt.gen's device)
+        gen = torch.Generator(device=rt.gen.device).manual_seed(derive_seed(self.ctx.seed, "ala", rt.cid, init_round))
         batches = list(rt.fed.train_batches(rt.cid, rt.batch_size, gen, epochs=1, fraction=h.rand_percent / 100.0))
         model = rt.aux_model("fedala/ala")
         rt.load(glob, model)

@@ -82,7 +82,7 @@ class FedAMP(Algorithm):
         n = self.ctx.num_clients
         models = [under(server, f"client/{j}") for j in range(n)]
         keys = [k for k, v in models[0].items() if v.is_floating_point()]
-        flat = torch.stack([torch.cat([m[k].detach().reshape(-1).double().cpu() for k in keys]) for m in models])
+        flat = torch.stack([torch.cat([m[k].detach().reshape(-1).double() for k in keys]) for m in models])
         sq = torch.cdist(flat, flat).pow(2)
         xi = self.hp.alphaK * torch.exp(-sq / self.hp.sigma) / self.hp.sigma
         xi.fill_diagonal_(0.0)
@@ -94,7 +94,7 @@ class FedAMP(Algorithm):
             self._xi_cache = (rnd, self.attention(server))
         xi = self._xi_cache[1][cid]
         models = [under(server, f"client/{j}") for j in range(self.ctx.num_clients)]
-        return mix_params(models, [float(c) for c in xi])
+        return mix_params(models, xi.tolist())  # one read of the row, not one per client
 
     def eval_message(self, server: State, cid: int) -> Message:
         return {}  # a client is judged with the model it keeps

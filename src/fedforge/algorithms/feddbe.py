@@ -91,7 +91,7 @@ class FedDBE(Algorithm):
 
     # ----------------------------------------------------------------------------------- client side
     def init_client(self, rt) -> State:
-        return {BIAS: torch.zeros(self.dim)}
+        return {BIAS: torch.zeros(self.dim, device=rt.device)}
 
     def local_update(self, rt, msg: Message, state: State) -> Update:
         h = self.hp

@@ -50,13 +50,15 @@ class FedFomoParams(HyperParams):
 
 
 def split_positions(n: int, ratio: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fixed (validation, training) positions within a client's training indices."""
+    """Fixed (validation, training) positions within a client's training indices, on the CPU (the same split on
+    every device; the callers move them to the data's device)."""
     nv = int(round(n * ratio)) if ratio > 0 else 0
     if ratio > 0 and n >= 2:
         nv = min(max(nv, 1), n - 1)
     else:
         nv = 0
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    gen = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=gen, device=gen.device)
     return perm[:nv], perm[nv:]
 
 
@@ -72,19 +74,19 @@ class FedFomo(Algorithm):
         init = super().init_server()
         n = self.ctx.num_clients
         server: State = {f"client/{j}/{k}": v for j in range(n) for k, v in init.items()}
-        server["fomo/affinity"] = torch.zeros(n, n, dtype=torch.float64)
-        server["fomo/uploaded"] = torch.zeros(n, dtype=torch.bool)
+        server["fomo/affinity"] = torch.zeros(n, n, dtype=torch.float64, device=self.ctx.device)
+        server["fomo/uploaded"] = torch.zeros(n, dtype=torch.bool, device=self.ctx.device)
         return server
 
     def choose(self, server: State, cid: int, rnd: int) -> list[int]:
         """The clients whose models ``cid`` downloads in round ``rnd``: top-M affinity, ε-greedy."""
         hp_ = self.hp
-        uploaded = server["fomo/uploaded"]
-        avail = [j for j in range(self.ctx.num_clients) if j != cid and bool(uploaded[j])]
+        uploaded = server["fomo/uploaded"].tolist()  # a host decision: one read, not one per client
+        avail = [j for j in range(self.ctx.num_clients) if j != cid and uploaded[j]]
         if hp_.M == 0 or not avail:
             return []
         rng = np.random.default_rng(derive_seed(self.ctx.seed, rnd, cid, "fomo"))
-        aff = server["fomo/affinity"][cid].numpy()
+        aff = server["fomo/affinity"][cid].cpu().numpy()
         tie = rng.random(len(avail))
         top = [avail[i] for i in np.lexsort((tie, -aff[avail]))]
         rand = [avail[i] for i in rng.permutation(len(avail))]
@@ -156,6 +158,6 @@ class FedFomo(Algorithm):
                    if val.numel() else rt.batches())
         stats = rt.train(batches=batches)
         theta = rt.model_state()
-        upload = {**theta, **{f"fomo/w/{j}": torch.tensor(w[j], dtype=torch.float32) for j in peer_ids}}
+        upload = {**theta, **{f"fomo/w/{j}": torch.tensor(w[j], dtype=torch.float32, device=rt.device) for j in peer_ids}}
         metrics = {**stats.as_dict(), "peers_used": float(sum(1 for v in w.values() if v > 0))}
         return Update(upload, theta, rt.num_train, metrics)

@@ -92,8 +92,10 @@ class FedGen(Algorithm):
         self.has_global = share == "model"  # judged with the global model (paper) ...
         self.personalized = share == "head"  # ... or with its own extractor and the averaged head
 
-    def _generator(self) -> FeatureGenerator:
-        return FeatureGenerator(self.hp.noise_dim, self.ctx.num_classes, self.hp.hidden_dim, self.feature_dim)
+    def _generator(self, device: torch.device | str | None = None) -> FeatureGenerator:
+        """A fresh G (initialised from the global CPU random stream, then moved to ``device``)."""
+        gen = FeatureGenerator(self.hp.noise_dim, self.ctx.num_classes, self.hp.hidden_dim, self.feature_dim)
+        return gen.to(device) if device is not None else gen
 
     def _shared(self, params: State) -> State:
         entries = model_entries(params)
@@ -109,8 +111,8 @@ class FedGen(Algorithm):
             torch.manual_seed(derive_seed(self.ctx.seed, "fedgen-init"))
             gen = self._generator()
         state |= {f"gen/{k}": v.detach().clone() for k, v in gen.state_dict().items()}
-        state["stat/gen_trained"] = torch.zeros((), dtype=torch.long)
-        state["stat/gen_loss"] = torch.tensor(float("nan"), dtype=torch.float64)
+        state["stat/gen_trained"] = torch.zeros((), dtype=torch.long, device=self.ctx.device)
+        state["stat/gen_loss"] = torch.tensor(float("nan"), dtype=torch.float64, device=self.ctx.device)
         return state
 
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
@@ -129,32 +131,34 @@ class FedGen(Algorithm):
                 out[f"labels/{u.cid}"] = u.upload["labels/count"].double()
         weights = [u.weight for u in updates]
         out |= weighted_average([model_entries(u.upload) for u in updates], weights)
-        none = torch.zeros(self.ctx.num_classes, dtype=torch.float64)
-        counts = torch.stack([out.get(f"labels/{u.cid}", none) for u in updates])  # (K, C) label counts of this round
+        dev = server["stat/gen_trained"].device  # the server's device
+        none = torch.zeros(self.ctx.num_classes, dtype=torch.float64, device=dev)
+        counts = torch.stack([out.get(f"labels/{u.cid}", none).to(dev) for u in updates])  # (K, C) this round's counts
         if self.hp.server_steps > 0 and counts.sum() > 0:
             gen_state, loss = self._train_generator(under(server, "gen"), updates, counts, rnd)
             out |= {f"gen/{k}": v for k, v in gen_state.items()}
-            out["stat/gen_trained"] = torch.ones((), dtype=torch.long)
-            out["stat/gen_loss"] = torch.tensor(loss, dtype=torch.float64)
+            out["stat/gen_trained"] = torch.ones((), dtype=torch.long, device=dev)
+            out["stat/gen_loss"] = torch.tensor(loss, dtype=torch.float64, device=dev)
         total = torch.stack([v for k, v in out.items() if k.startswith("labels/")]).sum(0)
         out["prior/labels"] = (total / total.sum()).float()
         return out
 
     def _train_generator(self, gen_state: State, updates: list[Update], counts: torch.Tensor, rnd: int):
-        gen = self._generator()
+        dev = counts.device  # the server's device: G, the heads and the sampling all live there
+        gen = self._generator(dev)
         gen.load_state_dict(gen_state)
         gen.train()
-        head = self.ctx.build_model(self.ctx.archs[0]).head
-        heads = [{k[len(HEAD):]: v.float() for k, v in u.upload.items() if k.startswith(HEAD)} for u in updates]
+        head = self.ctx.build_model(self.ctx.archs[0]).head.to(dev)
+        heads = [{k[len(HEAD):]: v.to(dev).float() for k, v in u.upload.items() if k.startswith(HEAD)} for u in updates]
         w = counts / counts.sum(0, keepdim=True).clamp(min=1)  # (K, C): w_k^y
         prior = counts.sum(0) / counts.sum()
-        g = torch.Generator().manual_seed(derive_seed(self.ctx.seed, rnd, "fedgen"))
+        g = torch.Generator(device=dev).manual_seed(derive_seed(self.ctx.seed, rnd, "fedgen"))
         opt = torch.optim.Adam(gen.parameters(), lr=self.hp.gen_lr)
         bs = max(2, self._batch())
         loss_sum = 0.0
         for _ in range(self.hp.server_steps):
             y = torch.multinomial(prior.float(), bs, replacement=True, generator=g)
-            z = torch.randn(bs, self.hp.noise_dim, generator=g)
+            z = torch.randn(bs, self.hp.noise_dim, generator=g, device=dev)
             f = gen(z, y)
             logits = sum(w[k, y].float().unsqueeze(1) * torch.func.functional_call(head, heads[k], (f,))
                          for k in range(len(heads)))
@@ -162,8 +166,8 @@ class FedGen(Algorithm):
             opt.zero_grad()
             loss.backward()
             opt.step()
-            loss_sum += loss.item()
-        return {k: v.detach().clone() for k, v in gen.state_dict().items()}, loss_sum / self.hp.server_steps
+            loss_sum = loss_sum + loss.detach().double()  # float64 on the device, read once below
+        return {k: v.detach().clone() for k, v in gen.state_dict().items()}, float(loss_sum) / self.hp.server_steps
 
     def server_metrics(self, server: State) -> dict[str, float]:
         v = float(server["stat/gen_loss"])
@@ -179,15 +183,18 @@ class FedGen(Algorithm):
         loss_fn = None
         if "prior/labels" in msg and self.hp.alpha > 0:
             gen = self._client_generator(rt, msg)
-            prior = msg["prior/labels"].float()
+            # labels and noise come from the task's stream rt.gen, drawn on its device, then moved to the run's
+            sample_on = rt.gen.device
+            prior = msg["prior/labels"].float().to(sample_on)
             alpha, bs, nd = float(self.hp.alpha), max(2, self._batch()), self.hp.noise_dim
 
             def loss_fn(model, x, y):
                 loss = F.cross_entropy(model(x), y)
-                y_hat = torch.multinomial(prior, bs, replacement=True, generator=rt.gen)
+                y_hat = torch.multinomial(prior, bs, replacement=True, generator=rt.gen).to(rt.device)
+                z = torch.randn(bs, nd, generator=rt.gen, device=sample_on).to(rt.device)
                 with torch.no_grad():
-                    f = gen(torch.randn(bs, nd, generator=rt.gen), y_hat).to(rt.device)
-                return loss + alpha * F.cross_entropy(model.head(f), y_hat.to(rt.device))
+                    f = gen(z, y_hat)
+                return loss + alpha * F.cross_entropy(model.head(f), y_hat)
 
         stats = rt.train(loss_fn=loss_fn)
         params = rt.model_state()
@@ -195,11 +202,11 @@ class FedGen(Algorithm):
         new_state = dict(params) if self.share == "head" else {}
         if "sent/labels" not in state:
             upload["labels/count"] = rt.class_counts().float()
-        new_state["sent/labels"] = torch.ones((), dtype=torch.long)
+        new_state["sent/labels"] = torch.ones((), dtype=torch.long, device=rt.device)
         return Update(upload, new_state, rt.num_train, stats.as_dict())
 
     def _client_generator(self, rt: "ClientRuntime", msg: Message) -> FeatureGenerator:
-        gen = self._generator()
+        gen = self._generator(rt.device)
         gen.load_state_dict(under(msg, "gen"))
         return gen.eval()
 

@@ -65,13 +65,14 @@ class FedGH(Algorithm):
         if not pairs or self.hp.server_epochs == 0:
             return server
         protos = torch.stack([v.float() for v, _ in pairs])
-        labels = torch.tensor([c for _, c in pairs], dtype=torch.long)
-        head = self.ctx.build_model(self.ctx.archs[0]).head
+        dev = protos.device  # the server's device: the header trains there
+        labels = torch.tensor([c for _, c in pairs], dtype=torch.long, device=dev)
+        head = self.ctx.build_model(self.ctx.archs[0]).head.to(dev)
         head.load_state_dict(server)
-        gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, rnd, "fedgh"))
+        gen = torch.Generator(device=dev).manual_seed(derive_seed(self.ctx.seed, rnd, "fedgh"))
         bs = self.ctx.batch_size
         for _ in range(self.hp.server_epochs):
-            order = torch.randperm(len(labels), generator=gen)
+            order = torch.randperm(len(labels), generator=gen, device=dev)
             train_loop(head, [(protos[order[i:i + bs]], labels[order[i:i + bs]]) for i in range(0, len(labels), bs)],
                        self.hp.server_lr)
         return {k: v.detach().clone() for k, v in head.state_dict().items()}

@@ -75,7 +75,7 @@ def svd_rank(s: torch.Tensor, threshold: float) -> int:
     if total <= 0:
         return 0
     cum = torch.cumsum(e, 0) / total
-    return int(torch.searchsorted(cum, torch.tensor([threshold], dtype=cum.dtype) - 1e-12).item()) + 1
+    return int(torch.searchsorted(cum, torch.tensor([threshold], dtype=cum.dtype, device=cum.device) - 1e-12).item()) + 1
 
 
 def compress(tensors: Mapping[str, torch.Tensor], threshold: float) -> Message:
@@ -132,8 +132,8 @@ class FedKD(Algorithm):
     # ----------------------------------------------------------------------------------------- server
     def init_server(self) -> State:
         state = with_prefix(self._floats(self.ctx.build_model(self.mentee_arch).state_dict()), "mentee")
-        state["stat/version"] = torch.zeros((), dtype=torch.long)
-        state["stat/sync"] = torch.zeros(self.ctx.num_clients, dtype=torch.long)  # mentee version each client holds
+        state["stat/version"] = torch.zeros((), dtype=torch.long, device=self.ctx.device)
+        state["stat/sync"] = torch.zeros(self.ctx.num_clients, dtype=torch.long, device=self.ctx.device)  # version each client holds
         return state
 
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
@@ -162,7 +162,7 @@ class FedKD(Algorithm):
         sync = server["stat/sync"].clone()
         for u in updates:
             sync[u.cid] = v
-        out["stat/version"] = torch.tensor(v + 1, dtype=torch.long)
+        out["stat/version"] = torch.tensor(v + 1, dtype=torch.long, device=sync.device)
         out["stat/sync"] = sync
         return out
 
@@ -174,7 +174,7 @@ class FedKD(Algorithm):
         d_s = rt.aux_model(self.TAG, self.mentee_arch).feature_dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.ctx.seed, "fedkd-wh", rt.cid))
-            wh = nn.Linear(d_s, d_t)
+            wh = nn.Linear(d_s, d_t).to(rt.device)  # drawn on the CPU (the same on every device), then moved
         return state | {"wh/weight": wh.weight.detach().clone(), "wh/bias": wh.bias.detach().clone()}
 
     def _synced_mentee(self, msg: Message, state: State) -> dict[str, torch.Tensor]:
@@ -209,10 +209,10 @@ class FedKD(Algorithm):
         params = list(rt.model.parameters()) + list(mentee.parameters()) + [wh_w, wh_b]
         stats = rt.train(loss_fn=loss_fn, params=params)
         trained = rt.model_state(mentee)
-        delta = {k: (trained[k] - start[k].to(trained[k].device)).cpu() for k in self.shapes}
+        delta = {k: trained[k] - start[k].to(trained[k].device) for k in self.shapes}  # compressed on the device
         upload = with_prefix(compress(delta, self.threshold(rt.round)), "delta")
         new_state = rt.model_state() | with_prefix({k: v.detach().clone() for k, v in start.items()}, "mentee")
-        new_state |= {"wh/weight": wh_w.detach().cpu(), "wh/bias": wh_b.detach().cpu()}
+        new_state |= {"wh/weight": wh_w.detach(), "wh/bias": wh_b.detach()}
         return Update(upload, new_state, rt.num_train, stats.as_dict())
 
     def personal_params(self, msg: Message, state: State) -> Message:

@@ -104,16 +104,17 @@ class FedKTLParams(HyperParams):
 
 
 # ------------------------------------------------------------------------------------- building blocks
-def simplex_etf(num_classes: int, seed: int) -> torch.Tensor:
+def simplex_etf(num_classes: int, seed: int, device: torch.device | str | None = None) -> torch.Tensor:
     """(C, C) fixed simplex ETF, row c = unit vector of class c: sqrt(C/(C−1))·P(I − 11ᵀ/C) with P a random
-    orthogonal matrix (QR of a uniform random matrix), transposed and row-normalised."""
+    orthogonal matrix (QR of a uniform random matrix), transposed and row-normalised; drawn with numpy (the same on
+    every device), put on ``device`` (default: the CPU)."""
     c = int(num_classes)
     if c < 2:
         raise ConfigError("fedktl needs at least 2 classes for its simplex ETF classifier.")
     rng = np.random.default_rng(seed)
     p, _ = np.linalg.qr(rng.random((c, c)))
     m = math.sqrt(c / (c - 1)) * (p @ (np.eye(c) - np.ones((c, c)) / c))
-    return F.normalize(torch.as_tensor(m.T, dtype=torch.float32), dim=1)
+    return F.normalize(torch.as_tensor(m.T, dtype=torch.float32, device=device), dim=1)
 
 
 def etf_cosine(proj: torch.Tensor, etf: torch.Tensor) -> torch.Tensor:
@@ -206,12 +207,13 @@ class FedKTL(Algorithm):
         self.mu = float(tuned["mu"] if hp.mu is None else hp.mu)
         self.server_lr = float(tuned["server_lr"] if hp.server_lr is None else hp.server_lr)
         self.latent_dim = int(gen.latent_dim)
-        self._etf: torch.Tensor | None = None
+        self._etf: dict[str, torch.Tensor] = {}  # the ETF per device it was asked for
 
-    # the generator lives on the server only: never pickled to workers
+    # the generator lives on the server only: never pickled to workers (nor are device copies of the ETF)
     def __getstate__(self) -> dict:
         d = dict(self.__dict__)
         d["_generator"] = None
+        d["_etf"] = {}
         return d
 
     @property
@@ -233,9 +235,19 @@ class FedKTL(Algorithm):
 
     @property
     def etf(self) -> torch.Tensor:
-        if self._etf is None:
-            self._etf = simplex_etf(self.ctx.num_classes, derive_seed(self.ctx.seed, "fedktl", "etf") % (2**32))
-        return self._etf
+        """The fixed simplex ETF on the CPU (:meth:`etf_on` gives it on a device)."""
+        return self.etf_on("cpu")
+
+    def etf_on(self, device: torch.device | str) -> torch.Tensor:
+        """The fixed simplex ETF on ``device``, computed once per device (not copied per batch)."""
+        key = str(torch.device(device))
+        if key not in self._etf:
+            cpu = self._etf.get("cpu")
+            if cpu is None:
+                cpu = self._etf["cpu"] = simplex_etf(self.ctx.num_classes,
+                                                     derive_seed(self.ctx.seed, "fedktl", "etf") % (2**32))
+            self._etf[key] = cpu.to(device)
+        return self._etf[key]
 
     def settings(self) -> dict[str, Any]:
         """The resolved values (the defaults depend on the generator kind)."""
@@ -248,8 +260,10 @@ class FedKTL(Algorithm):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.ctx.seed, "fedktl", "server-init"))
             Fm = FeatureTransformer(c, self.latent_dim)
-            centroids = torch.randn(c, self.latent_dim)  # nn.Embedding's N(0, 1) initialisation
-        return {**with_prefix(Fm.state_dict(), "ftrans"), "centroids": centroids}
+            # nn.Embedding's N(0, 1) initialisation, drawn on the CPU like F's weights (the same on every device)
+            centroids = torch.randn(c, self.latent_dim)
+        dev = self.ctx.device
+        return {**with_prefix({k: v.to(dev) for k, v in Fm.state_dict().items()}, "ftrans"), "centroids": centroids.to(dev)}
 
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
         """The C generated (image, latent) pairs once they exist (nothing in round 1, nothing when μ = 0: the
@@ -262,6 +276,8 @@ class FedKTL(Algorithm):
         return {}
 
     def _server_rng(self, rnd: int) -> torch.Generator:
+        """The server's random stream of a round, on the CPU: the generators' ``sample_prior`` draws there (the
+        permutations and prior samples are then moved to the server's device)."""
         return torch.Generator().manual_seed(derive_seed(self.ctx.seed, rnd, "fedktl", "server"))
 
     def align(self, server: State, protos: torch.Tensor, labels: torch.Tensor, rnd: int,
@@ -282,7 +298,7 @@ class FedKTL(Algorithm):
         history: dict[str, list[float]] = {"mmd": [], "mse": []}
         Fm.train()
         for _ in range(self.hp.server_epochs if epochs is None else epochs):
-            perm = torch.randperm(n, generator=gen_rng).to(dev)
+            perm = torch.randperm(n, generator=gen_rng, device=gen_rng.device).to(dev)
             stop = n - 1 if (n % bs == 1 and n > 1) else n  # never a BatchNorm batch of one (HtFLlib drops it too)
             sums, batches = [0.0, 0.0], 0
             for s in range(0, stop, bs):
@@ -306,8 +322,8 @@ class FedKTL(Algorithm):
                 history["mmd"].append(sums[0] / batches)
                 history["mse"].append(sums[1] / batches)
         final = class_centroids(Fm, protos, labels, cent.detach(), running)
-        new = {**server, **with_prefix({k: v.detach().cpu() for k, v in Fm.state_dict().items()}, "ftrans"),
-               "centroids": final.cpu()}
+        new = {**server, **with_prefix({k: v.detach().clone() for k, v in Fm.state_dict().items()}, "ftrans"),
+               "centroids": final}
         return new, history
 
     @torch.no_grad()
@@ -329,21 +345,23 @@ class FedKTL(Algorithm):
         if not pairs:
             return server
         protos = torch.stack([v.float() for v, _ in pairs])
-        labels = torch.tensor([c for _, c in pairs], dtype=torch.long)
+        dev = torch.device(self.ctx.device)  # the server's device (align works there)
+        labels = torch.tensor([c for _, c in pairs], dtype=torch.long, device=dev)
         t0 = time.perf_counter()
         server, hist = self.align(server, protos, labels, rnd)
         t1 = time.perf_counter()
         images, preview = self.generate(server["centroids"])
         t2 = time.perf_counter()
-        server["gen/images"] = torch.from_numpy(images)
+        server["gen/images"] = torch.as_tensor(images, device=dev)
         server["gen/latents"] = server["centroids"].clone().float()
-        server["gen/preview"] = torch.from_numpy(preview)
-        server["metrics/mmd"] = torch.tensor(hist["mmd"][-1] if hist["mmd"] else float("nan"), dtype=torch.float64)
-        server["metrics/mse"] = torch.tensor(hist["mse"][-1] if hist["mse"] else float("nan"), dtype=torch.float64)
-        server["metrics/mmd_first"] = torch.tensor(hist["mmd"][0] if hist["mmd"] else float("nan"), dtype=torch.float64)
-        server["metrics/mse_first"] = torch.tensor(hist["mse"][0] if hist["mse"] else float("nan"), dtype=torch.float64)
-        server["metrics/align_seconds"] = torch.tensor(t1 - t0, dtype=torch.float64)
-        server["metrics/generate_seconds"] = torch.tensor(t2 - t1, dtype=torch.float64)
+        server["gen/preview"] = torch.as_tensor(preview, device=dev)
+        scalars = {"mmd": hist["mmd"][-1] if hist["mmd"] else float("nan"),
+                   "mse": hist["mse"][-1] if hist["mse"] else float("nan"),
+                   "mmd_first": hist["mmd"][0] if hist["mmd"] else float("nan"),
+                   "mse_first": hist["mse"][0] if hist["mse"] else float("nan"),
+                   "align_seconds": t1 - t0, "generate_seconds": t2 - t1}
+        for k, v in scalars.items():
+            server[f"metrics/{k}"] = torch.tensor(v, dtype=torch.float64, device=dev)
         return server
 
     def server_metrics(self, server: State) -> dict[str, float]:
@@ -362,7 +380,8 @@ class FedKTL(Algorithm):
             return {}
         from ..generative.images import image_grid
 
-        return {"generated": image_grid(server["gen/preview"].numpy(), ncol=min(10, server["gen/preview"].shape[0]))}
+        preview = server["gen/preview"].cpu().numpy()  # the server state may live on a GPU
+        return {"generated": image_grid(preview, ncol=min(10, preview.shape[0]))}
 
     # --------------------------------------------------------------------------------------- client side
     def _proj_fc(self, rt) -> nn.Linear:
@@ -389,10 +408,13 @@ class FedKTL(Algorithm):
         return loss_fn
 
     @staticmethod
-    def _cycle(n: int, batch_size: int, gen: torch.Generator):
-        """Endless shuffled mini-batches of indices 0..n−1 (reshuffled at every pass)."""
+    def _cycle(n: int, batch_size: int, gen: torch.Generator, device: torch.device | str | None = None):
+        """Endless shuffled mini-batches of indices 0..n−1 (reshuffled at every pass), drawn on ``gen``'s device and
+        moved to ``device`` (where the indexed tensors live) when given."""
         while True:
-            perm = torch.randperm(n, generator=gen)
+            perm = torch.randperm(n, generator=gen, device=gen.device)
+            if device is not None:
+                perm = perm.to(device)
             for s in range(0, n, batch_size):
                 yield perm[s : s + batch_size]
 
@@ -401,13 +423,13 @@ class FedKTL(Algorithm):
         model = rt.model
         proj_fc = self._proj_fc(rt)
         proj_fc.load_state_dict({k: v.to(rt.device) for k, v in under(state, "proj_fc").items()})
-        etf = self.etf.to(rt.device)
+        etf = self.etf_on(rt.device)
         gen_x = gen_z = batches = None
         params = list(model.parameters())
         if "gen/images" in msg and self.mu > 0:
             gen_x = rt.fed.to_input(msg["gen/images"].to(rt.device))
             gen_z = msg["gen/latents"].to(rt.device).float()
-            batches = self._cycle(gen_x.shape[0], rt.batch_size, rt.gen)
+            batches = self._cycle(gen_x.shape[0], rt.batch_size, rt.gen, rt.device)
             params += list(proj_fc.parameters())
         stats = rt.train(loss_fn=self.client_loss(etf, proj_fc, gen_x, gen_z, batches), params=params,
                          max_grad_norm=self.hp.max_grad_norm)
@@ -416,7 +438,7 @@ class FedKTL(Algorithm):
         return Update(prototypes_to_message(protos, counts), new_state, rt.num_train, stats.as_dict())
 
     def predict(self, rt, x: torch.Tensor) -> torch.Tensor:
-        return self.hp.scale * etf_cosine(rt.model(x), self.etf.to(x.device))
+        return self.hp.scale * etf_cosine(rt.model(x), self.etf_on(x.device))
 
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)

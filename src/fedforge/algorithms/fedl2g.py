@@ -1,4 +1,4 @@
-"""FedL2G — Zhang, Liu, Hua & Cao, "FedL2G: Learning to Guide Local Training in Heterogeneous Federated Learning",
+"""FedL2G — Zhang, Liu, Hua, Cao & Yang, "FedL2G: Learning to Guide Local Training in Heterogeneous Federated Learning",
 arXiv:2410.06490, 2024 (code in HtFLlib as FedL2G-feat / FedL2G-logit).
 
 Clients own different architectures and share only **guiding vectors** G ∈ R^{C×d}, one per class, kept and learned
@@ -8,7 +8,8 @@ u_k(x) = f_k(x) (features) or g_k(x) = h_k(f_k(x)) (logits), client k trains on
     L_k(θ; G) = CE(g_k(x), y) + MSE(u_k(x), G_y)                                  (local epochs, grad norm ≤ 100)
 
 and then *learns how the guide should change*: a virtual SGD step on S study batches, then the plain CE on Q
-held-out quiz batches, differentiated with respect to G (a meta gradient, second order):
+held-out quiz batches, differentiated with respect to G through the virtual step (only the mixed derivative
+∂²L/∂θ∂G enters, no Hessian in θ, as the paper states):
 
     θ'_k = θ_k − η ∇_θ (1/S) Σ_study L_k(θ_k; G)
     ∇_G^k = ∇_G (1/Q) Σ_quiz CE(g_k(x; θ'_k), y)                                 (uploaded per class: grad/<c>)
@@ -107,7 +108,7 @@ def guide_step(guide: torch.Tensor, grads: dict[int, torch.Tensor], lr: float, m
 
 @register_algorithm("fedl2g", summary="FedL2G (Zhang et al., 2024): server-learned guiding vectors per class, trained by clients' meta gradients")
 class FedL2G(Algorithm):
-    paper = "Zhang, Liu, Hua & Cao, FedL2G: Learning to Guide Local Training in Heterogeneous Federated Learning, arXiv:2410.06490, 2024"
+    paper = "Zhang, Liu, Hua, Cao & Yang, FedL2G: Learning to Guide Local Training in Heterogeneous Federated Learning, arXiv:2410.06490, 2024"
     Params = FedL2GParams
     personalized = True
     has_global = False
@@ -128,8 +129,8 @@ class FedL2G(Algorithm):
 
     # ----------------------------------------------------------------------------------------- server
     def init_server(self) -> State:
-        gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "l2g-guide"))
-        return {self.GUIDE: torch.randn(self.ctx.num_classes, self.dim, generator=gen)}
+        gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, "l2g-guide"))  # the same G on every device
+        return {self.GUIDE: torch.randn(self.ctx.num_classes, self.dim, generator=gen).to(self.ctx.device)}
 
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
         return {self.GUIDE: server[self.GUIDE]}

@@ -93,7 +93,7 @@ class FedMRL(Algorithm):
         d, d1 = self.feature_dim, self.hp.small_dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.ctx.seed, "fedmrl-proj", rt.cid))
-            proj = nn.Linear(d1 + d, d)
+            proj = nn.Linear(d1 + d, d).to(rt.device)  # drawn on the CPU (the same on every device), then moved
         return rt.initial_params() | {"proj/weight": proj.weight.detach().clone(), "proj/bias": proj.bias.detach().clone()}
 
     def _fused(self, model: FedModel, small: FedModel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -114,7 +114,7 @@ class FedMRL(Algorithm):
 
         params = list(rt.model.parameters()) + list(small.parameters()) + [w, b]
         stats = rt.train(loss_fn=loss_fn, params=params)
-        new_state = rt.model_state() | {"proj/weight": w.detach().cpu(), "proj/bias": b.detach().cpu()}
+        new_state = rt.model_state() | {"proj/weight": w.detach(), "proj/bias": b.detach()}
         return Update(with_prefix(rt.model_state(small), "small"), new_state, rt.num_train, stats.as_dict())
 
     def personal_params(self, msg: Message, state: State) -> Message:

@@ -71,10 +71,11 @@ class FedProto(Algorithm):
     def init_client(self, rt: "ClientRuntime") -> State:
         return rt.initial_params()
 
-    def global_prototypes(self, msg: Message) -> tuple[torch.Tensor, torch.Tensor]:
-        """(C, d) global prototypes received and the mask of classes that have one."""
+    def global_prototypes(self, msg: Message, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(C, d) global prototypes received and the mask of classes that have one (on ``device``, by default the
+        message's)."""
         return prototype_matrix(message_to_prototypes(msg, self.ctx.num_classes, self.PREFIX), self.ctx.num_classes,
-                                self.feature_dim)
+                                self.feature_dim, device=device)
 
     def regulariser(self, z: torch.Tensor, target: torch.Tensor, has: torch.Tensor) -> torch.Tensor:
         """λ-free distance term between features and their class's global prototype (batch mean)."""
@@ -85,7 +86,7 @@ class FedProto(Algorithm):
 
     def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
-        P, mask = self.global_prototypes(msg)
+        P, mask = self.global_prototypes(msg, rt.device)
         lam = self.weight()
         loss_fn = None
         if lam > 0 and bool(mask.any()):
@@ -103,7 +104,7 @@ class FedProto(Algorithm):
 
     def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
         rt.load(model_entries(state))
-        P, mask = self.global_prototypes(msg)
+        P, mask = self.global_prototypes(msg, rt.device)
         head = rt.evaluate()
         if bool(mask.any()):
             model = rt.model

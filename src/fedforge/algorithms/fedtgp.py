@@ -98,8 +98,8 @@ class FedTGP(FedProto):
             torch.manual_seed(derive_seed(self.ctx.seed, "tgp-init"))
             tgp = self._tgp()
         state = {f"tgp/{k}": v.detach().clone() for k, v in tgp.state_dict().items()}
-        state["stat/server_loss"] = torch.tensor(float("nan"), dtype=torch.float64)
-        state["stat/margin"] = torch.tensor(float("nan"), dtype=torch.float64)
+        state["stat/server_loss"] = torch.tensor(float("nan"), dtype=torch.float64, device=self.ctx.device)
+        state["stat/margin"] = torch.tensor(float("nan"), dtype=torch.float64, device=self.ctx.device)
         return state
 
     def distance_term(self, z: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -113,16 +113,17 @@ class FedTGP(FedProto):
         if not pairs:
             return server
         protos = torch.stack([v.float() for v, _ in pairs])
-        labels = torch.tensor([c for _, c in pairs], dtype=torch.long)
+        dev = protos.device  # the server's device: the prototype generator trains there
+        labels = torch.tensor([c for _, c in pairs], dtype=torch.long, device=dev)
         margin = adaptive_margin(protos, labels, self.hp.margin_threshold)
-        tgp = self._tgp()
+        tgp = self._tgp().to(dev)
         tgp.load_state_dict(under(server, "tgp"))
         lr = self.hp.server_lr or self.ctx.lr
         bs = self.hp.server_batch or self.ctx.batch_size
-        gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, rnd, "tgp"))
+        gen = torch.Generator(device=dev).manual_seed(derive_seed(self.ctx.seed, rnd, "tgp"))
         last = float("nan")
         for _ in range(self.hp.server_epochs):
-            order = torch.randperm(len(labels), generator=gen)
+            order = torch.randperm(len(labels), generator=gen, device=dev)
             batches = [(protos[order[i:i + bs]], labels[order[i:i + bs]]) for i in range(0, len(labels), bs)]
             stats = train_loop(tgp, batches, lr, loss_fn=lambda m, x, y: acl_loss(m, x, y, margin))
             last = stats.loss
@@ -131,8 +132,8 @@ class FedTGP(FedProto):
             gen_protos = tgp()
         out: State = {f"tgp/{k}": v.detach().clone() for k, v in tgp.state_dict().items()}
         out |= {f"{self.PREFIX}/{c}": gen_protos[c].clone() for c in range(self.ctx.num_classes)}
-        out["stat/server_loss"] = torch.tensor(last, dtype=torch.float64)
-        out["stat/margin"] = torch.tensor(margin, dtype=torch.float64)
+        out["stat/server_loss"] = torch.tensor(last, dtype=torch.float64, device=dev)
+        out["stat/margin"] = torch.tensor(margin, dtype=torch.float64, device=dev)
         return out
 
     def server_metrics(self, server: State) -> dict[str, float]:

@@ -228,7 +228,7 @@ def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
             probs.append(logits.softmax(1).cpu())
             labels.append(y.cpu())
     if probs:
-        p, t = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+        p, t = torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()  # (already host copies)
         out.confusion = np.bincount(t * num_classes + p.argmax(1), minlength=num_classes * num_classes) \
             .reshape(num_classes, num_classes)
         out.auc = micro_auc(p, t)
