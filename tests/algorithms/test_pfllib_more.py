@@ -271,16 +271,22 @@ def test_fedmtl_gradient_is_that_of_the_task_relationship_regulariser():
 
 
 # --------------------------------------------------------------------------------------------- FedAS
-def test_fedas_without_alignment_and_fisher_weights_keeps_fedpers_server():
+@pytest.fixture(scope="module")
+def fedper_run(_one_torch_thread):
+    return run("fedper")
+
+
+def test_fedas_without_alignment_and_fisher_weights_keeps_fedpers_server(fedper_run):
     res = run("fedas", {"align_epochs": 0, "fim_weighting": False})
-    assert same_tensors(res.server, run("fedper").server)
+    assert same_tensors(res.server, fedper_run.server)
 
 
-def test_fedas_defaults_are_the_authors_and_act():
+def test_fedas_defaults_are_the_authors_and_act(fedper_run):
     p = ALGORITHMS.get("fedas").Params()
     assert (p.align_epochs, p.align_lr, p.align_batch_size, p.fim_weighting) == (1, 0.01, 16, True)
-    assert differ(run("fedas").server, run("fedas", {"align_epochs": 0}).server)
-    assert differ(run("fedas", {"align_epochs": 0}).server, run("fedper").server)  # Fisher weights act
+    no_align = run("fedas", {"align_epochs": 0})
+    assert differ(run("fedas").server, no_align.server)
+    assert differ(no_align.server, fedper_run.server)  # Fisher weights act
 
 
 def test_fedas_alignment_pulls_the_global_extractor_to_the_local_prototypes():

@@ -14,7 +14,8 @@ cross-aggregated with one collaborator among the others:
 Similarity is the sum over layers of the cosine similarity of the layers' parameters (weight and bias together).
 During the first ``warmup_rounds`` rounds every middleware model is reset to the global model after aggregation,
 which is FedAvg exactly; ``warmup_rounds`` ≥ the run's rounds gives FedAvg throughout. α = 0.99 and the
-lowest-similarity choice are PFLlib's defaults (``-ca 0.99``, ``-cmss 1``), the values the paper recommends.
+lowest-similarity choice are PFLlib's defaults (``-ca 0.99``, ``-cmss 1``); the paper studies α and the three
+selection strategies (its acceleration variants — propeller models, a dynamic α — are not implemented).
 
 Which middleware model a client receives: the algorithm contract does not tell ``broadcast`` which clients take part
 in a round, so the pool holds one middleware model per client slot and round t dispatches slot π_t(i) to client i,

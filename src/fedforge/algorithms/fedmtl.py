@@ -75,6 +75,9 @@ class FedMTL(Algorithm):
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
         return dict(server)
 
+    def eval_message(self, server: State, cid: int) -> Message:
+        return {}  # a client is judged with its own state alone
+
     def aggregate(self, server: State, updates: list[Update], rnd: int) -> State:
         out = dict(server)
         for u in updates:

@@ -78,6 +78,9 @@ class FedPCL(Algorithm):
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
         return dict(server)
 
+    def eval_message(self, server: State, cid: int) -> Message:
+        return {}  # a client is judged with its own state alone
+
     def aggregate(self, server: State, updates: list[Update], rnd: int) -> State:
         if not updates:
             return server

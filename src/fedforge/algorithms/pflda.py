@@ -55,6 +55,9 @@ class PFLDA(Algorithm):
     def init_server(self) -> State:
         return select(super().init_server(), is_head)
 
+    def eval_message(self, server: State, cid: int) -> Message:
+        return {}  # a client is judged with its own state alone
+
     # ----------------------------------------------------------------------------------- client side
     def init_client(self, rt) -> State:
         return rt.initial_params()
