@@ -504,7 +504,7 @@ def test_fedpcl_temperature_acts_and_inference_uses_own_prototypes():
 
 
 def test_fedpcl_runs_with_heterogeneous_models_of_one_feature_dimension():
-    res = run("fedpcl", model="cnn,ht_resnet4", batch_size=20)
+    res = run("fedpcl", model="cnn,ht_resnet4", batch_size=20, clients=2)
     assert ALGORITHMS.get("fedpcl").heterogeneous
     assert 0.0 < res.records[-1]["personalized_acc"] <= 1.0
     assert res.records[-1]["bytes_up"] > 0 and not any(k.startswith(("features.", "head.")) for k in res.server)
