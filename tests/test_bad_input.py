@@ -79,7 +79,7 @@ def test_config_messages_name_the_problem_and_the_fix():
         build_config({"round": 3})
     with pytest.raises(ConfigError, match=r"rounds must be an int, got 'many'"):
         build_config({"rounds": "many"})
-    with pytest.raises(ConfigError, match=r"fail_rate must be <= 1, got 1.5"):
+    with pytest.raises(ConfigError, match=r"fail_rate must be >= 0 and <= 1, got 1.5"):
         build_config({"fail_rate": 1.5})
     with pytest.raises(ConfigError, match=r"on_nan must be one of stop, skip, got 'skp' \(did you mean: skip"):
         build_config({"on_nan": "skp"})
@@ -190,7 +190,7 @@ def test_cli_config_errors_are_one_sentence(tmp_path, capsys):
     cfg.write_text("[" * 3000)
     assert "nests too deeply" in _cli_error(["run", "--config", str(cfg)], capsys)
     assert "lr must be > 0" in _cli_error([*RUN, "--lr", "-1"], capsys)
-    assert "max_fail_fraction must be <= 1" in _cli_error([*RUN, "--max-fail-fraction", "2"], capsys)
+    assert "max_fail_fraction must be >= 0 and <= 1" in _cli_error([*RUN, "--max-fail-fraction", "2"], capsys)
     if not torch.cuda.is_available():
         assert "finds none on this machine; use --device cpu" in _cli_error([*RUN, "--device", "cuda"], capsys)
 

@@ -20,21 +20,25 @@ def run_cli(args, capsys):
     return code, out.out, out.err
 
 
-def test_run_without_arguments_is_the_offline_default(tmp_path, monkeypatch):
-    """`fedforge run` alone: FedAvg on digits over 10 clients, offline, into runs/...; in a subprocess like a user."""
+def test_run_without_arguments_is_the_quick_start(tmp_path, monkeypatch):
+    """`fedforge run` alone: FedAvg, local and Ditto side by side on digits, offline, into runs/quickstart_*; in a
+    subprocess like a user. The table it prints is the runs' own numbers."""
     monkeypatch.chdir(tmp_path)
     env = {k: v for k, v in __import__("os").environ.items() if k != "FEDFORGE_DATA"}
     env["FEDFORGE_DATA"] = str(tmp_path / "empty-cache")  # nothing cached: digits needs no file
     p = subprocess.run([sys.executable, "-m", "fedforge", "run", "--no-progress"], capture_output=True, text=True,
                        env=env, timeout=1800)
     assert p.returncode == 0, p.stderr
-    runs = list((tmp_path / "runs").iterdir())
-    assert len(runs) == 1
-    cfg = (runs[0] / "config.yaml").read_text()
-    assert "algorithm: fedavg" in cfg and "dataset: digits" in cfg and "clients: 10" in cfg
-    summary = json.loads((runs[0] / "summary.json").read_text())
-    assert summary["rounds"] == 50 and summary["best"]["global_acc"] > 0.3
-    assert "parameters" in p.stderr  # the parameter count is printed with the run
+    (root,) = list((tmp_path / "runs").iterdir())
+    assert root.name.startswith("quickstart_")
+    assert sorted(d.name for d in root.iterdir() if d.is_dir()) == ["ditto", "fedavg", "local"]
+    summaries = {a: json.loads((root / a / "summary.json").read_text()) for a in ("fedavg", "local", "ditto")}
+    assert "algorithm: fedavg" in (root / "fedavg" / "config.yaml").read_text()
+    assert all(s["rounds"] == 20 for s in summaries.values())
+    assert summaries["fedavg"]["last"]["global_acc"] > 0.85  # FedAvg learns digits properly here
+    for algo, view in (("fedavg", "global_acc"), ("local", "personalized_acc"), ("ditto", "personalized_acc")):
+        assert f"| {algo} |" in p.stdout and f"{100 * summaries[algo]['last'][view]:.1f} %" in p.stdout
+    assert (root / "comparison.png").is_file() and (root / "comparison.md").read_text().strip() in p.stdout
 
 
 def test_yaml_config_and_overrides(tmp_path, capsys):

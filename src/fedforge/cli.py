@@ -8,36 +8,23 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, build_config, load_yaml, parse_assignments
+from .config import RunConfig, add_config_options, build_config, config_from_args, load_yaml, parse_assignments
 from .errors import FedforgeError
 
 log = logging.getLogger("fedforge")
 
 # ------------------------------------------------------------------------------------------ options
-def add_config_options(p: argparse.ArgumentParser) -> None:
-    """One option per RunConfig field (kebab-case), generated from its declaration (:mod:`fedforge.options`);
-    absent options are not set, so YAML values survive."""
-    from .options import add_arguments
-
-    add_arguments(p.add_argument_group("run options (also YAML keys)"), RunConfig)
-    p.add_argument("--config", help="YAML file of options (command-line options override it)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
-                   help="algorithm hyper-parameter, repeatable (e.g. --set mu=0.01)")
-
-
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    from .options import values_from_args
-
-    base = load_yaml(args.config) if getattr(args, "config", None) else {}
-    return build_config(base, values_from_args(args, RunConfig), parse_assignments(getattr(args, "set", [])))
-
-
 # ----------------------------------------------------------------------------------------- commands
 def cmd_run(args: argparse.Namespace) -> int:
     from . import algorithms  # noqa: F401
     from .core.simulation import Simulation
 
     resume = getattr(args, "resume", None)
+    if _no_options(args):
+        from .quickstart import run_quickstart
+
+        run_quickstart(progress=not args.no_progress)
+        return 0
     if resume:
         from .core.simulation import resume_config
 
@@ -63,6 +50,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_options(args: argparse.Namespace) -> bool:
+    """`fedforge run` alone (at most --no-progress): the quick start."""
+    from .options import values_from_args
+
+    return not (values_from_args(args, RunConfig) or getattr(args, "config", None) or getattr(args, "set", None)
+                or getattr(args, "resume", None))
+
+
 def cmd_partition(args: argparse.Namespace) -> int:
     from .core.simulation import build_partition
     from .data import load_dataset
@@ -83,7 +78,9 @@ def cmd_partition(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     part.save(out / "partition.npz")
     atomic_write_text(out / "partition_stats.json", dumps(stats) + "\n")
-    plot_heatmap(stats, out / "partition.png", title=f"{ds.name}: {part.scheme} {part.params}")
+    params = ", ".join(f"{k} {v}" for k, v in part.params.items())
+    plot_heatmap(stats, out / "partition.png", title=f"{ds.name}: {part.scheme} partition ({params}), samples per "
+                 f"client and class")
     tr, te = stats["train_counts"], stats["test_counts"]
     print(f"{ds.name}: {part.scheme} partition of {stats['samples']:,} samples over {part.num_clients} clients "
           f"({ds.num_classes} classes), seed {cfg.seed}")

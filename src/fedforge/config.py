@@ -1,6 +1,7 @@
 """Run configuration: one frozen-by-convention dataclass, loaded from defaults < YAML < command line < --set."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import re
@@ -191,3 +192,22 @@ def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] |
 
 def dump_yaml(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+# ------------------------------------------------------------------------------------- command line
+def add_config_options(p: argparse.ArgumentParser) -> None:
+    """One option per RunConfig field (kebab-case), generated from its declaration (:mod:`fedforge.options`);
+    absent options are not set, so YAML values survive."""
+    from .options import add_arguments
+
+    add_arguments(p.add_argument_group("run options (also YAML keys)"), RunConfig)
+    p.add_argument("--config", help="YAML file of options (command-line options override it)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", default=[],
+                   help="algorithm hyper-parameter, repeatable (e.g. --set mu=0.01)")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    from .options import values_from_args
+
+    base = load_yaml(args.config) if getattr(args, "config", None) else {}
+    return build_config(base, values_from_args(args, RunConfig), parse_assignments(getattr(args, "set", [])))

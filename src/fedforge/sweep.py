@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, build_config, load_yaml, parse_assignments, parse_value
+from .config import (RunConfig, add_config_options, build_config, config_from_args, load_yaml, parse_assignments,
+                     parse_value)
 from .errors import ConfigError, FedforgeError, suggest
 
 SWEEP_FILE = "sweep.json"
@@ -496,8 +497,7 @@ class _RunOptionParser(argparse.ArgumentParser):
 
 
 def parse_run_options(argv: list[str]) -> argparse.Namespace:
-    """The run options after ``--``, parsed exactly like those of ``fedforge run`` (``cli.add_config_options``)."""
-    from .cli import add_config_options
+    """The run options after ``--``, parsed exactly like those of ``fedforge run`` (``config.add_config_options``)."""
 
     p = _RunOptionParser(prog="fedforge sweep ... --", add_help=False)
     add_config_options(p)
@@ -551,7 +551,6 @@ def command_line(args: argparse.Namespace) -> str:
 
 def from_args(args: argparse.Namespace) -> Sweep:
     """The sweep that ``fedforge sweep`` options describe (every bad input raises a ConfigError here)."""
-    from .cli import config_from_args
 
     run_opts = parse_run_options(list(args.run_options))
     shared = config_from_args(run_opts)  # the shared options alone must make a valid config

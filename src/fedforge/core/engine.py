@@ -245,8 +245,8 @@ class RoundEngine:
         self.seed_server(rnd, phase, cid)
         return to_device(self.algo.eval_message(server, cid), CPU)
 
-    def record(self, rnd: int, prog: Progress, info: Mapping[str, Any] | None = None) -> dict:
-        """Evaluate every client and append one metrics record to ``prog.records``."""
+    def record(self, rnd: int, prog: Progress, info: Mapping[str, Any] | None = None, stage: str | None = None) -> dict:
+        """Evaluate every client and append one metrics record to ``prog.records`` (``stage``: e.g. finetune)."""
         info = prog.round_info if info is None else info
         t0 = time.perf_counter()
         results = self.evaluate(prog, rnd)
@@ -269,6 +269,8 @@ class RoundEngine:
             v = rec.get(k)
             if v is not None and not math.isfinite(v):
                 rec[k] = None
+        if stage is not None:
+            rec["stage"] = stage
         prog.records.append(rec)
         self.events.emit("record_written", rec, prog)
         return rec
@@ -281,9 +283,8 @@ class RoundEngine:
         for cid, state in zip(range(self.num_clients), self.executor.imap(tasks)):
             prog.store.put(cid, state)
         prog.finetuned = True
-        rec = self.record(self.s.rounds, prog, {**prog.round_info, "bytes_up": 0, "bytes_down": 0, "params_up": 0,
-                                                "params_down": 0})
-        rec["stage"] = "finetune"
+        self.record(self.s.rounds, prog, {**prog.round_info, "bytes_up": 0, "bytes_down": 0, "params_up": 0,
+                                          "params_down": 0}, stage="finetune")
 
 
 def select_clients(s: Schedule, n: int, rnd: int) -> tuple[list[int], list[int]]:

@@ -248,8 +248,9 @@ class Simulation:
                     raise self._interrupted(prog) from None
                 except FailureStop as e:
                     raise self._failed(prog, e) from e.error.__cause__
-                if self._bar is not None:
-                    self._bar.close()
+                finally:
+                    if self._bar is not None:
+                        self._bar.close()
                 self._save_if_new(prog)
         except (RunInterrupted, RunStopped) as e:
             if rd is not None:

@@ -403,19 +403,33 @@ def from_client_split(split: list[tuple[np.ndarray, np.ndarray]], labels: np.nda
 
 
 def plot_heatmap(stats: dict, path: str | os.PathLike, title: str = "") -> Path:
-    """Heat-map of samples per client (rows) per class (columns), train + test."""
+    """Heat-map of samples per client (rows) per class (columns), train + test, with whole-number ticks and a
+    title that fits the figure (wrapped to its width)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     counts = np.asarray(stats["train_counts"]) + np.asarray(stats["test_counts"])
     n, k = counts.shape
-    fig, ax = plt.subplots(figsize=(min(16, 2 + 0.25 * k), min(16, 1.5 + 0.25 * n)))
+    width, height = min(16, 3 + 0.25 * k), min(16, 2 + 0.25 * n)
+    fig, ax = plt.subplots(figsize=(width, height))
     im = ax.imshow(np.log1p(counts), aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("class")
     ax.set_ylabel("client")
-    ax.set_title(title or f"{stats['scheme']} partition: samples per client and class (log scale)")
+    for axis, size in ((ax.xaxis, k), (ax.yaxis, n)):  # clients and classes are whole numbers
+        if size <= 30:
+            axis.set_ticks(range(size))
+        else:
+            axis.set_major_locator(MaxNLocator(integer=True, nbins="auto"))
+    ax.tick_params(labelsize=7 if max(n, k) > 20 else 9)
+    params = ", ".join(f"{key} {v}" for key, v in (stats.get("params") or {}).items())
+    text = title or (f"{stats['scheme']} partition{f' ({params})' if params else ''}: samples per client and class "
+                     f"(colour: log scale)")
+    ax.set_title("\n".join(textwrap.wrap(text, max(20, int(width * 9)))), fontsize=10)
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("log(1 + samples)")
     if k <= 20 and n <= 30:

@@ -41,7 +41,12 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "",
     server = series([(k, k) for k in server_keys], train_only=True)
     fig, axes = plt.subplots(1, 3 if server else 2, figsize=(16 if server else 11, 4))
 
-    _panel(axes[0], series((("global_acc", "global model"), ("personalized_acc", "personalized"))), "test accuracy")
+    views = [("global_acc", "global model (one model for all clients)"),
+             ("personalized_acc", "personalized (each client's own model)")]
+    extra = sorted({k for r in records for k in r if k.endswith("_acc") and k not in dict(views)
+                    and not k.endswith("_ownclass_acc") and isinstance(r.get(k), (int, float))})
+    views += [(k, f"{k[:-4]} view") for k in extra]  # further views an algorithm reports (e.g. head_acc)
+    _panel(axes[0], series(views), "test accuracy (all clients' test data)")
     _panel(axes[1], series((("loss", "train loss"), ("global_loss", "test loss (global)"),
                             ("personalized_loss", "test loss (personalized)"))), "loss")
     if server:
