@@ -31,7 +31,7 @@ from fedforge.algorithms import fedktl as fedktl_mod
 from fedforge.algorithms import fml as fml_mod
 from fedforge.algorithms.fedkd import compress, decompress, svd_rank
 from fedforge.algorithms.fedproto import FedProto
-from fedforge.algorithms.mechanics import message_to_prototypes
+from fedforge.algorithms.mechanics import clip_each, message_to_prototypes
 from fedforge.core.algorithm import ALGORITHMS, Update
 from fedforge.core.context import Context
 from fedforge.core.faults import ClientFailure
@@ -416,30 +416,17 @@ def case_fedgh(ds):
         close(server1[k], head[k], f"global header {k}")
 
 
-def clip_per_model(max_norm: float | None = None):
-    """HtFLlib's FML, FedKD and FedKTL clients clip the gradient norm of each model (the client's own model, the shared
-    model or FedKTL's ``proj_fc``) separately, with ``clip_grad_norm_``. This hands fedforge's loop the same clipping:
-    ``rt.train``'s parameters are the client's model first and the other module's after it (the order FML and FedKTL
-    use); a ``max_grad_norm`` fedforge passes (one clip over all parameters) is replaced by the per-model clip at the
-    same norm."""
+def clip_per_model(max_norm: float):
+    """HtFLlib's FML and FedKD clients clip the gradient norm of each model (the client's own, the shared one)
+    separately with ``clip_grad_norm_``; fedforge's FML does not clip. This hands fedforge's loop that clipping
+    (``clip_each``; ``rt.train``'s parameters are the client's model first, the shared model's after it)."""
     orig = ClientRuntime.train
 
     def train(self, *args, **kwargs):
         n = len(list(self.model.parameters()))
-        limit = kwargs.pop("max_grad_norm", None) or max_norm
-
-        def hook(params, grads):
-            out = []
-            for group in (grads[:n], grads[n:]):
-                if not group:
-                    continue
-                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in group]))
-                factor = torch.clamp(limit / (norm + 1e-6), max=1.0)
-                out += [g * factor for g in group]
-            return out
-
-        assert kwargs.get("grad_hook") is None and limit is not None
-        return orig(self, *args, **{**kwargs, "grad_hook": hook})
+        params = kwargs.get("params")
+        assert kwargs.get("grad_hook") is None and params is not None
+        return orig(self, *args, **{**kwargs, "grad_hook": clip_each([n, len(params) - n], max_norm)})
 
     return patched((ClientRuntime, "train", train))
 
@@ -712,7 +699,7 @@ def case_fedktl(ds):
     ht.s.put("Server", "data_generated", [(gen_x[c], server1["gen/latents"][c]) for c in range(n)])
     for cid in (0, 1):
         cycles.clear()
-        with patched((fedktl_mod.FedKTL, "_cycle", staticmethod(recording_cycle))), clip_per_model():
+        with patched((fedktl_mod.FedKTL, "_cycle", staticmethod(recording_cycle))):
             ups2 = ff.train(cid, 2, server1, ups1[cid].state)
         per_pass = -(-n // BS)
         passes = [torch.cat(cycles[i:i + per_pass]) for i in range(0, len(cycles), per_pass)]

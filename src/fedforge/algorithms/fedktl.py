@@ -59,7 +59,7 @@ from ..core.context import derive_seed
 from ..core.messages import Message, State, model_entries, under, with_prefix
 from ..core.params import HyperParams, hp
 from ..errors import ConfigError
-from .mechanics import collect_prototypes, mmd_rbf, prototypes_to_message
+from .mechanics import clip_each, collect_prototypes, mmd_rbf, prototypes_to_message
 
 MMD_BANDWIDTHS = tuple(math.sqrt(a) for a in (10.0, 15.0, 20.0, 50.0))  # σ with exp(−d²/2σ²) = exp(−0.5·d²/a)
 
@@ -82,7 +82,8 @@ class FedKTLParams(HyperParams):
     server_batch_size: int = hp(100, "(prototype, class) pairs per server mini-batch", ge=2)
     margin: float = hp(0.5, "ArcFace additive angular margin m on the true class (radians)", ge=0.0, lt=math.pi)
     scale: float = hp(64.0, "ArcFace logit scale s", gt=0.0)
-    max_grad_norm: float = hp(100.0, "gradient-norm clip of local and server updates", gt=0.0)
+    max_grad_norm: float = hp(100.0, "gradient-norm clip of local and server updates, each module on its own (client: the "
+                                     "model and h'; server: F and the centroids), as the authors' code", gt=0.0)
     prompt: str = hp("a cat", "text prompt for text-conditioned generators (diffusers back-end)")
     gen_steps: int = hp(50, "denoising steps of a diffusion generator", ge=1)
     guidance: float = hp(7.5, "classifier-free guidance scale of a diffusion generator", ge=0.0)
@@ -426,13 +427,16 @@ class FedKTL(Algorithm):
         etf = self.etf_on(rt.device)
         gen_x = gen_z = batches = None
         params = list(model.parameters())
+        groups = [len(params)]
         if "gen/images" in msg and self.mu > 0:
             gen_x = rt.fed.to_input(msg["gen/images"].to(rt.device))
             gen_z = msg["gen/latents"].to(rt.device).float()
             batches = self._cycle(gen_x.shape[0], rt.batch_size, rt.gen, rt.device)
+            groups.append(len(list(proj_fc.parameters())))
             params += list(proj_fc.parameters())
+        # the model's and h''s gradients are clipped each on its own, as the authors' client does
         stats = rt.train(loss_fn=self.client_loss(etf, proj_fc, gen_x, gen_z, batches), params=params,
-                         max_grad_norm=self.hp.max_grad_norm)
+                         grad_hook=clip_each(groups, self.hp.max_grad_norm))
         protos, counts = collect_prototypes(rt, features=lambda x: model(x), normalize=True)
         new_state = {**rt.model_state(), **with_prefix({k: v.detach().clone() for k, v in proj_fc.state_dict().items()}, "proj_fc")}
         return Update(prototypes_to_message(protos, counts), new_state, rt.num_train, stats.as_dict())

@@ -144,6 +144,26 @@ def proximal_grad_hook(anchors: Sequence[torch.Tensor], mu: float):
     return hook
 
 
+# ------------------------------------------------------------------------------------ clipping
+def clip_each(sizes: Sequence[int], max_norm: float):
+    """Gradient hook clipping each consecutive group of ``sizes`` parameters to the norm ``max_norm`` on its own, as
+    code that calls ``clip_grad_norm_`` once per module does (FedKTL's client clips its model and its projection h'
+    separately); ``rt.train(max_grad_norm=...)`` clips all parameters together instead."""
+
+    def hook(params: Sequence[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        out: list[torch.Tensor] = []
+        start = 0
+        for n in sizes:
+            group, start = grads[start:start + n], start + n
+            if group:
+                norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in group]))
+                factor = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+                out += [g * factor for g in group]
+        return out + grads[start:]
+
+    return hook
+
+
 # ------------------------------------------------------------------------------------ prototypes
 @torch.no_grad()
 def class_means(features: Callable[[torch.Tensor], torch.Tensor], batches, num_classes: int,
