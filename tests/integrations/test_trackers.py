@@ -344,3 +344,31 @@ def test_a_failing_tracker_warns_and_never_raises(run, tmp_path, monkeypatch, ca
     assert any("mlflow tracker: could not log the record of round 0" in w for w in warnings), warnings
     assert any("mlflow tracker: could not finish" in w for w in warnings), warnings
     tracker.log(run["records"][1])  # after finish: nothing, and no error
+
+
+# --------------------------------------------------------------------------------------------- end to end
+def test_a_real_cli_run_writes_all_three_trackers(tmp_path, monkeypatch, offline_only):
+    """`fedforge run --tracker tensorboard --tracker wandb --tracker mlflow`: the run session hands every record, the
+    config and curves.png to each back-end, and each library reads back what metrics.jsonl holds."""
+    needs("tensorboard")
+    needs("wandb")
+    needs("mlflow")
+    from fedforge.cli import main as cli_main
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_dir = tmp_path / "digits_fedavg"
+    rc = cli_main(["-q", "run", "--dataset", "digits", "--model", "mlp", "--clients", "3", "--rounds", "2",
+                   "--threads", "1", "--no-progress", "--out", str(run_dir), "--tracker", "tensorboard",
+                   "--tracker", "wandb,mlflow"])
+    assert rc == 0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    want = expected(records)
+    acc = read_tensorboard(run_dir)
+    assert {k: v[-1] for k, v in tensorboard_scalars(acc).items()} == pytest.approx(want)
+    run_id = (run_dir / "trackers" / "wandb_run_id").read_text().strip()
+    (folder,) = (run_dir / "trackers" / "wandb").glob(f"offline-run-*-{run_id}")
+    assert wandb_history(folder) == want
+    client = mlflow_client((run_dir / "trackers" / "mlruns").resolve().as_uri(), monkeypatch)
+    ml_id = (run_dir / "trackers" / "mlflow_run_id").read_text().strip()
+    assert mlflow_metrics(client, ml_id) == {k: [v] for k, v in want.items()}
+    assert "curves.png" in {a.path for a in client.list_artifacts(ml_id)}
