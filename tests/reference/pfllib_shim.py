@@ -35,7 +35,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, Callable
 
-import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -191,7 +190,7 @@ def check_same_cnn(pf_model: nn.Module, ff_model: nn.Module, x: torch.Tensor) ->
 
 
 # ---------------------------------------------------------------------------------------------- data
-def tiny_mnist(n: int = 300, clients: int = 3, seed: int = 0, alpha: float = 0.3) -> tuple[Dataset, Partition]:
+def tiny_mnist(n: int = 200, clients: int = 3, seed: int = 0, alpha: float = 0.3) -> tuple[Dataset, Partition]:
     """The first ``n`` MNIST samples over ``clients`` clients (Dirichlet ``alpha``, 75/25 split; client sizes that
     are not multiples of the batch, so drop_last acts), normalised as PFLlib's files are (mean 0.5, std 0.5)."""
     from tests.conftest import require_data
@@ -348,10 +347,10 @@ class Harness:
         module, cls = spec.pf_server.rsplit(".", 1)
         server_cls = getattr(import_pfllib(f"flcore.servers.{module}"), cls)
         self.pf_model = pfllib_cnn(spec.pf_algorithm, self.init_weights, ds.num_classes)
-        self.args = pfllib_args(dataset="MNIST", num_classes=ds.num_classes, num_clients=n, join_ratio=1.0,
-                                local_learning_rate=hp["lr"], batch_size=hp["batch_size"],
-                                local_epochs=hp["local_epochs"], global_rounds=spec.rounds, algorithm=spec.pf_algorithm,
-                                model=self.pf_model, **spec.pf_args)
+        base = dict(dataset="MNIST", num_classes=ds.num_classes, num_clients=n, join_ratio=1.0,
+                    local_learning_rate=hp["lr"], batch_size=hp["batch_size"], local_epochs=hp["local_epochs"],
+                    global_rounds=spec.rounds, algorithm=spec.pf_algorithm, model=self.pf_model)
+        self.args = pfllib_args(**(base | spec.pf_args))
         if splits_model(spec.pf_algorithm):
             self.args.head = self.pf_model.head
         self.restore: list[tuple[Any, str, Any]] = []  # (object, attribute, value) a spec patched; see close()

@@ -15,6 +15,8 @@ iterations instead).
 Defaults are the authors' CNN setting (their CIFAR-10 command): λ = 15, K = 5, η_p = 0.01, β = 1 (the paper uses
 β = 1 and β = 2). Their MNIST MLR/MLP setting η_p = 0.1 makes the 4-layer CNN diverge (NaN loss on ``digits`` in
 round 2), so it is not the default. PFLlib ships β = 0, which never moves the global model; β must be > 0 here.
+The authors' code (and PFLlib, which copies its optimizer) also adds μ·θ with μ = 0.001 to the inner steps'
+gradient, an optimizer default that the paper does not have; ``weight_decay = 0.001`` reproduces it (0 by default).
 
 Reduction (tested): with K = 1, η_p = η and λ = 1/η, the single inner step gives θ̃ = w − η∇f(w; D) and the
 envelope step sets w = θ̃, so with β = 1 the global model follows FedAvg exactly (up to rounding).
@@ -38,6 +40,8 @@ class PFedMeParams(HyperParams):
     K: int = hp(5, "inner steps per batch that approximate the personal model θ", ge=1)
     personal_lr: float = hp(0.01, "step size η_p of the K inner steps on θ", gt=0)
     beta: float = hp(1.0, "server step: global ← (1 − β)·global + β·average (1: plain average; 2: the paper's acceleration)", gt=0)
+    weight_decay: float = hp(0.0, "μ of an L2 term μ·θ in the inner steps' gradient (not in the paper; the authors' code "
+                                  "and PFLlib use 0.001)", ge=0)
 
 
 @register_algorithm("pfedme", summary="pFedMe (T. Dinh et al., NeurIPS 2020): Moreau-envelope personal models, K inner steps")
@@ -54,7 +58,9 @@ class PFedMe(Algorithm):
         names = [n for n, p in model.named_parameters() if p.requires_grad]
         theta = [p for n, p in model.named_parameters() if p.requires_grad]
         w = [p.detach().clone() for p in theta]  # the local copy of the global model
-        hook = proximal_grad_hook(w, hp_.lamda)  # reads w, which is updated in place below
+        prox = proximal_grad_hook(w, hp_.lamda)  # reads w, which is updated in place below
+        wd = hp_.weight_decay
+        hook = prox if wd == 0 else (lambda ps, gs: [g.add(p.detach(), alpha=wd) for p, g in zip(ps, prox(ps, gs))])
         step = rt.lr * hp_.lamda
         total = TrainStats()
         samples = 0
