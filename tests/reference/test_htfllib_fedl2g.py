@@ -5,13 +5,12 @@ unchanged on a stand-in object that holds the attributes they read; their file I
 data loading are replaced by in-memory versions that hand over fixed batches. fedforge's functions that
 ``fedforge.algorithms.fedl2g.FedL2G`` composes (the shared SGD loop with the guided loss, the meta gradient, the
 server's guide step) get the same weights and batches; the trained weights, the per-class meta gradients and the
-updated guiding vectors must agree to 1e-5. Skips when HtFLlib or ``higher`` (its meta-learning dependency) is absent.
+updated guiding vectors must agree to 1e-5. HtFLlib is imported through ``htfllib_shim.import_isolated`` (its own
+``flcore``, apart from PFLlib's). Skips when HtFLlib or ``higher`` (its meta-learning dependency) is absent.
 """
 from __future__ import annotations
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -22,22 +21,23 @@ from fedforge.core.algorithm import Update
 from fedforge.core.training import train_loop
 from fedforge.data import load_dataset
 from fedforge.models import create_model
+from tests.reference.htfllib_shim import import_isolated, require_htfllib
 
-SYSTEM = Path(__file__).resolve().parents[3] / "shared" / "reference-code" / "htfllib" / "system"
 pytest.importorskip("higher", reason="HtFLlib's FedL2G needs the `higher` package (pip install higher)")
-if not SYSTEM.is_dir():
-    pytest.skip(f"HtFLlib is not at {SYSTEM}", allow_module_level=True)
-if str(SYSTEM) not in sys.path:
-    sys.path.insert(0, str(SYSTEM))
 
-import flcore.clients.clientl2g_feat as client_feat  # noqa: E402
-import flcore.clients.clientl2g_logit as client_logit  # noqa: E402
-import flcore.servers.serverl2g_feat as server_feat  # noqa: E402
-import flcore.servers.serverl2g_logit as server_logit  # noqa: E402
+L2G = ("flcore.clients.clientl2g_feat", "flcore.clients.clientl2g_logit",
+       "flcore.servers.serverl2g_feat", "flcore.servers.serverl2g_logit")
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """HtFLlib's FedL2G modules, imported with its own ``flcore`` (isolated from PFLlib's; see htfllib_shim)."""
+    mods = import_isolated(require_htfllib(), L2G)
+    return {("client", t): mods[f"flcore.clients.clientl2g_{t}"] for t in ("feat", "logit")} | \
+        {("server", t): mods[f"flcore.servers.serverl2g_{t}"] for t in ("feat", "logit")}
+
 
 LR, BS, EPOCHS, SLR = 0.05, 10, 2, 0.5
-CLIENT = {"feat": client_feat, "logit": client_logit}
-SERVER = {"feat": server_feat, "logit": server_logit}
 
 
 class BaseHead(nn.Module):
@@ -69,9 +69,8 @@ def samples(offset: int, n: int):
     return [(x[i], y[i]) for i in range(n)]
 
 
-def run_oracle_client(target: str, model: nn.Module, guide: nn.Embedding, data, monkeypatch):
+def run_oracle_client(mod, model: nn.Module, guide: nn.Embedding, data, monkeypatch):
     """HtFLlib's train() then meta_study() for one client; returns its trained model and per-class gradients."""
-    mod = CLIENT[target]
     store = {("Client_0", "model"): BaseHead(model), ("Server", "guiding_vec"): guide}
     monkeypatch.setattr(mod, "load_item", lambda role, name, folder: store[(role, name)])
     monkeypatch.setattr(mod, "save_item", lambda item, role, name, folder: store.__setitem__((role, name), item))
@@ -90,14 +89,14 @@ def run_oracle_client(target: str, model: nn.Module, guide: nn.Embedding, data, 
 
 
 @pytest.mark.parametrize("target, arch", [("feat", "cnn"), ("logit", "mlp"), ("logit", "cnn")])
-def test_client_training_and_meta_gradient_match_htfllib(target, arch, monkeypatch):
+def test_client_training_and_meta_gradient_match_htfllib(target, arch, monkeypatch, oracle):
     torch.manual_seed(0)
     model = create_model(arch, (1, 8, 8), 10, seed=1)
     dim = model.feature_dim if target == "feat" else 10
     guide = nn.Embedding(10, dim)
     data = samples(0, 75)  # 10 quiz samples, then 65 study samples (6 full batches)
     mine = copy.deepcopy(model)
-    theirs, their_grads = run_oracle_client(target, copy.deepcopy(model), copy.deepcopy(guide), data, monkeypatch)
+    theirs, their_grads = run_oracle_client(oracle["client", target], copy.deepcopy(model), copy.deepcopy(guide), data, monkeypatch)
 
     G = guide.weight.detach().clone()
     quiz, study = data[:BS], data[BS:]
@@ -112,19 +111,20 @@ def test_client_training_and_meta_gradient_match_htfllib(target, arch, monkeypat
 
 
 @pytest.mark.parametrize("target", ["feat", "logit"])
-def test_server_guide_step_matches_htfllib(target, monkeypatch):
+def test_server_guide_step_matches_htfllib(target, monkeypatch, oracle):
     torch.manual_seed(0)
     dim = 16 if target == "feat" else 10
     guide = nn.Embedding(10, dim)
     uploads = [{c: torch.randn(dim) * 40 for c in (0, 1, 2, 5)}, {c: torch.randn(dim) * 40 for c in (1, 5, 7)}]
-    srv = SERVER[target].FedL2G.__new__(SERVER[target].FedL2G)
+    server_mod = oracle["server", target]
+    srv = server_mod.FedL2G.__new__(server_mod.FedL2G)
     srv.uploaded_ids, srv.uploaded_gs = [0, 1], uploads
     srv.num_classes, srv.feature_dim, srv.device = 10, dim, "cpu"
     srv.guiding_vec = copy.deepcopy(guide)
     srv.optimizer = torch.optim.SGD(srv.guiding_vec.parameters(), lr=SLR)
     srv.role, srv.save_folder_name = "Server", ""
-    monkeypatch.setattr(SERVER[target], "save_item", lambda *a, **k: None)
-    SERVER[target].FedL2G.aggregate_grads(srv)
+    monkeypatch.setattr(server_mod, "save_item", lambda *a, **k: None)
+    server_mod.FedL2G.aggregate_grads(srv)
     grads: dict[int, list] = {}
     for up in uploads:
         for c, g in up.items():
