@@ -54,7 +54,7 @@ def class_statistics(z: torch.Tensor, y: torch.Tensor, num_classes: int) -> Mess
     for c in torch.unique(y).tolist():
         zc = z[y == c].double()
         mu = zc.mean(0)
-        out[f"stat/count/{c}"] = torch.tensor(float(zc.shape[0]), dtype=torch.float64)
+        out[f"stat/count/{c}"] = torch.tensor(float(zc.shape[0]), dtype=torch.float64, device=z.device)
         out[f"stat/mean/{c}"] = mu.float()
         out[f"stat/cov/{c}"] = ((zc - mu).T @ (zc - mu) / max(zc.shape[0] - 1, 1)).float()
     return out
@@ -73,7 +73,7 @@ def pooled_statistics(uploads: list[Message]) -> dict[int, tuple[float, torch.Te
             cov = sum((n - 1) / (N - 1) * S + n / (N - 1) * torch.outer(m, m) for n, m, S in parts)
             cov = cov - N / (N - 1) * torch.outer(mu, mu)
         else:
-            cov = torch.zeros(mu.numel(), mu.numel(), dtype=torch.float64)
+            cov = torch.zeros(mu.numel(), mu.numel(), dtype=torch.float64, device=mu.device)
         out[c] = (N, mu, cov)
     return out
 
@@ -107,14 +107,15 @@ class CCVR(FedAvg):
         """``model`` with its classifier retrained on virtual features drawn from the pooled statistics."""
         if self.hp.samples_per_class == 0 or not stats:
             return model
-        gen = torch.Generator().manual_seed(derive_seed(self.ctx.seed, rnd, "ccvr"))
+        dev = next(iter(stats.values()))[1].device  # the server's device: the calibration runs there
+        gen = torch.Generator(device=dev).manual_seed(derive_seed(self.ctx.seed, rnd, "ccvr"))
         z = torch.cat([sample_gaussian(mu, cov, self.hp.samples_per_class, gen).float() for _, mu, cov in stats.values()])
-        y = torch.cat([torch.full((self.hp.samples_per_class,), c, dtype=torch.long) for c in stats])
-        net = self.ctx.build_model()
+        y = torch.cat([torch.full((self.hp.samples_per_class,), c, dtype=torch.long, device=dev) for c in stats])
+        net = self.ctx.build_model().to(dev)
         net.load_state_dict(model)
         bs = self.ctx.batch_size
         for _ in range(self.hp.calibration_epochs):
-            order = torch.randperm(len(y), generator=gen)
+            order = torch.randperm(len(y), generator=gen, device=dev)
             batches = [(z[order[i:i + bs]], y[order[i:i + bs]]) for i in range(0, len(y), bs)]
             train_loop(net, batches, self.ctx.lr, params=list(net.head.parameters()),
                        loss_fn=lambda m, x, t: F.cross_entropy(m.head(x), t))

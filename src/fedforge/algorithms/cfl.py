@@ -61,7 +61,7 @@ class CFL(Algorithm):
     # ----------------------------------------------------------------------------------------- server
     def init_server(self) -> State:
         state = with_prefix(super().init_server(), "cluster/0")
-        state["cfl/cluster"] = torch.zeros(self.ctx.num_clients, dtype=torch.long)
+        state["cfl/cluster"] = torch.zeros(self.ctx.num_clients, dtype=torch.long, device=self.ctx.device)
         return state
 
     def broadcast(self, server: State, cid: int, rnd: int) -> Message:
@@ -74,9 +74,9 @@ class CFL(Algorithm):
             members = [u for u in sorted(updates, key=lambda u: u.cid) if int(assign[u.cid]) == c]
             model = under(server, f"cluster/{c}")
             keys = [k for k, v in model.items() if v.is_floating_point()]
-            deltas = torch.stack([torch.cat([(model_entries(u.upload)[k].double().cpu() - model[k].double()).reshape(-1)
+            deltas = torch.stack([torch.cat([(model_entries(u.upload)[k].double() - model[k].double()).reshape(-1)
                                              for k in keys]) for u in members])
-            w = torch.tensor([u.weight for u in members], dtype=torch.float64)
+            w = torch.tensor([u.weight for u in members], dtype=torch.float64, device=deltas.device)
             mean_norm = float(((w / w.sum()) @ deltas).norm())
             max_norm = float(deltas.norm(dim=1).max())
             everyone = len(members) == int((assign == c).sum())

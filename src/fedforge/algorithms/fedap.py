@@ -91,16 +91,16 @@ def channel_statistics(rt, model: nn.Module, last_only: bool) -> tuple[torch.Ten
         for h in handles:
             h.remove()
     if not points or counts[0] == 0:
-        return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0, dtype=torch.float64, device=rt.device), torch.zeros(0, dtype=torch.float64, device=rt.device)
     means = [s / n for s, n in zip(sums, counts)]
     vars_ = [(q / n - m * m).clamp_min(0) for q, n, m in zip(sqs, counts, means)]
-    return torch.cat(means).cpu(), torch.cat(vars_).cpu()
+    return torch.cat(means), torch.cat(vars_)
 
 
 def aggregation_weights(means: dict[int, torch.Tensor], vars_: dict[int, torch.Tensor], sizes: list[int],
                         num_clients: int, momentum: float) -> torch.Tensor:
     """FedAP's weight matrix over the clients that have sent statistics (the others keep only their own model)."""
-    W = torch.eye(num_clients, dtype=torch.float64)
+    W = torch.eye(num_clients, dtype=torch.float64, device=next(iter(means.values())).device if means else None)
     have = sorted(means)
     if len(have) < 2:
         return W
@@ -146,12 +146,12 @@ class FedAP(Algorithm):
     def init_server(self) -> State:
         init = super().init_server()
         state = {k: init[k] for k in self.shared}
-        state["fedap/personal"] = torch.tensor(False)
+        state["fedap/personal"] = torch.tensor(False, device=self.ctx.device)
         return state | (self.start_personal(state) if self.warm == 0 else {})
 
     def start_personal(self, state: State) -> State:
         glob = {k: state[k] for k in self.shared}
-        out: State = {"fedap/personal": torch.tensor(True)}
+        out: State = {"fedap/personal": torch.tensor(True, device=self.ctx.device)}
         for j in range(self.ctx.num_clients):
             out |= with_prefix(glob, f"client/{j}")
         return out
@@ -170,11 +170,11 @@ class FedAP(Algorithm):
             return {k: server[k] for k in self.shared}
         own = under(server, f"client/{cid}")
         if f"fedap/mean/{cid}" not in server:  # statistics first: of the warm-up model, which its own still is
-            return {**own, "fedap/collect": torch.tensor(True)}
-        row = self.weights(server)[cid]
+            return {**own, "fedap/collect": torch.tensor(True, device=self.ctx.device)}
+        row = self.weights(server)[cid].tolist()  # host weights: one read, not one per client
         models = [under(server, f"client/{j}") for j in range(self.ctx.num_clients)]
         keys = [k for k in self.shared if own[k].is_floating_point()]
-        return {**own, **mix_params(models, [float(w) for w in row], keys=keys)}
+        return {**own, **mix_params(models, row, keys=keys)}
 
     def eval_message(self, server: State, cid: int) -> Message:
         if not bool(server["fedap/personal"]):

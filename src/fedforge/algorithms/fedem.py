@@ -58,7 +58,7 @@ class FedEM(Algorithm):
     # ----------------------------------------------------------------------------------------- client
     def init_client(self, rt) -> State:
         M = self.hp.components
-        return {"fedem/pi": torch.full((M,), 1.0 / M)}
+        return {"fedem/pi": torch.full((M,), 1.0 / M, device=rt.device)}
 
     def components(self, rt, msg: Message) -> nn.ModuleList:
         """The M component models, loaded with the received weights (the worker's model instances)."""

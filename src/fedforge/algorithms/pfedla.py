@@ -75,8 +75,9 @@ class PFedLA(Algorithm):
 
     def hypernet(self, server: State, cid: int) -> LayerWeights:
         """Client ``cid``'s hypernetwork, loaded from the server state (one module reused as a buffer)."""
-        if self._net is None:
-            self._net = LayerWeights(self.ctx.num_clients, len(self.layers), self.hp.embed_dim, self.hp.hidden_dim)
+        if self._net is None:  # on the server's device, where the client models it mixes live
+            self._net = LayerWeights(self.ctx.num_clients, len(self.layers), self.hp.embed_dim,
+                                     self.hp.hidden_dim).to(self.ctx.device)
         self._net.load_state_dict(under(server, f"hn/{cid}"))
         return self._net
 

@@ -66,8 +66,8 @@ class PFedSim(Algorithm):
     # ----------------------------------------------------------------------------------------- server
     def init_server(self) -> State:
         state = super().init_server()
-        state["pfedsim/similarity"] = torch.eye(self.ctx.num_clients, dtype=torch.float64)
-        state["pfedsim/personal"] = torch.tensor(self.warm == 0)
+        state["pfedsim/similarity"] = torch.eye(self.ctx.num_clients, dtype=torch.float64, device=self.ctx.device)
+        state["pfedsim/personal"] = torch.tensor(self.warm == 0, device=self.ctx.device)
         if self.warm == 0:  # no warm-up: every client's model starts from the initial one
             glob = model_entries(state)
             for j in range(self.ctx.num_clients):
@@ -101,7 +101,7 @@ class PFedSim(Algorithm):
                 glob = model_entries(out)
                 for j in range(self.ctx.num_clients):
                     out |= with_prefix(glob, f"client/{j}")
-                out["pfedsim/personal"] = torch.tensor(True)
+                out["pfedsim/personal"] = torch.tensor(True, device=server["pfedsim/personal"].device)
             return out
         sim = server["pfedsim/similarity"].clone()
         for u in updates:
