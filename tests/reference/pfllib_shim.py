@@ -312,6 +312,7 @@ class AlgoSpec:
     pf_aggregate: Callable[["Harness", Any, int], None] | None = None
     pf_setup: Callable[["Harness"], None] | None = None
     pf_pre_build: Callable[["Harness"], None] | None = None  # before PFLlib's server is constructed
+    pf_model: Callable[["Harness"], nn.Module] | None = None  # PFLlib's model, if not main.py's FedAvgCNN
     pf_part: str = "model"  # what PFLlib's server.global_model holds after aggregation: model, base or head
     pf_sync: Callable[["Harness", Any, dict], None] | None = None
     ctx: dict = field(default_factory=dict)  # Context overrides (lr, batch_size, local_epochs)
@@ -346,7 +347,8 @@ class Harness:
         # ---- PFLlib, with the same weights and data
         module, cls = spec.pf_server.rsplit(".", 1)
         server_cls = getattr(import_pfllib(f"flcore.servers.{module}"), cls)
-        self.pf_model = pfllib_cnn(spec.pf_algorithm, self.init_weights, ds.num_classes)
+        self.pf_model = spec.pf_model(self) if spec.pf_model else pfllib_cnn(spec.pf_algorithm, self.init_weights,
+                                                                             ds.num_classes)
         base = dict(dataset="MNIST", num_classes=ds.num_classes, num_clients=n, join_ratio=1.0,
                     local_learning_rate=hp["lr"], batch_size=hp["batch_size"], local_epochs=hp["local_epochs"],
                     global_rounds=spec.rounds, algorithm=spec.pf_algorithm, model=self.pf_model)

@@ -115,6 +115,43 @@ def feddyn_spec(squared: bool = True):
 
 
 
+def fedbn_bn_spec():
+    """FedBN on fedforge's ``cnn_bn`` (BatchNorm after each conv and the fc layer). PFLlib keeps local the parameters
+    whose name contains "bn", and never sends buffers, so its clients keep their running statistics too; it is given
+    the same layers under names that say "bn" (what its FedBN needs, e.g. torchvision's ResNet ``bn1``), in the same
+    order. Compared: each client's whole state (parameters and running statistics) and the shared server entries."""
+    import torch.nn as nn
+    from collections import OrderedDict
+
+    def pf_model(h):
+        ff = h.ctx.build_model("cnn_bn")
+        ff.load_state_dict(h.init_weights)
+        names = ["conv1", "bn1", "relu1", "pool1", "conv2", "bn2", "relu2", "pool2", "flatten", "fc1", "bn3", "relu3"]
+        body = nn.Sequential(OrderedDict(zip(names, copy.deepcopy(ff.features))))
+        return nn.Sequential(OrderedDict(base=body, fc=copy.deepcopy(ff.head)))
+
+    def ff_names(h):
+        return list(h.worker.initial_params("cnn_bn"))
+
+    def pf_state(h, module):  # PFLlib's entries, named as fedforge's, by position (same layers, same order)
+        return {n: v.detach().clone() for n, v in zip(ff_names(h), module.state_dict().values())}
+
+    def shared(h, module):
+        return {n: v.detach().clone() for (k, v), n in zip(module.state_dict().items(), ff_names(h))
+                if "bn" not in k and k in dict(module.named_parameters())}
+
+    def pf_sync(h, srv, st):
+        with torch.no_grad():
+            for (k, p), n in zip(srv.global_model.state_dict(keep_vars=True).items(), ff_names(h)):
+                if n in st:
+                    p.copy_(st[n])
+
+    return AlgoSpec("fedbn", "FedBN", "serverbn.FedBN", model="cnn_bn", pf_model=pf_model,
+                    pf_client_view=lambda h, c: pf_state(h, c.model), ff_client_view=ff_whole,
+                    pf_server_view=lambda h, srv: shared(h, srv.global_model), ff_server_view=lambda h, st: dict(st),
+                    pf_sync=pf_sync)
+
+
 def partial_spec(name, pf_algorithm, server, pf_part="base", **kw):
     """Partial sharing (FedPer, FedRep, FedBABU, LG-FedAvg): a client's whole model; the server's shared part
     (PFLlib's global_model becomes the uploaded base, or head, after the first aggregation)."""
@@ -649,8 +686,7 @@ SPECS = {  # algorithms whose rounds fit step_equivalence as they are
     # mu = 1, tau = 0.5 (the paper's, fedforge's defaults) on both sides; PFLlib's default mu 0 is FedAvg
     "moon": lambda: AlgoSpec("moon", "MOON", "servermoon.MOON", ff_params={"mu": 1.0, "tau": 0.5},
                              pf_args={"mu": 1.0, "tau": 0.5}),
-    # the plain cnn has no normalisation layer: FedBN is FedAvg in both codes
-    "fedbn": lambda: AlgoSpec("fedbn", "FedBN", "serverbn.FedBN"),
+    "fedbn": fedbn_bn_spec,
     "fedper": lambda: partial_spec("fedper", "FedPer", "serverper.FedPer"),
     # two head epochs on both sides (PFLlib's -pls), then the run's one body epoch
     "fedrep": lambda: partial_spec("fedrep", "FedRep", "serverrep.FedRep", ff_params={"head_epochs": 2},
