@@ -6,9 +6,11 @@ its running mean and variance across rounds. Each client is judged with the shar
 normalisation layers (the paper's evaluation); there is no single global model, except when the model has
 no normalisation layer at all: then FedBN is FedAvg and the (whole, shared) global model is judged too.
 
-Difference from PFLlib: PFLlib's FedBN skips only *parameters* whose name contains "bn", so BatchNorm running
-statistics and normalisation layers named otherwise are still treated as shared state; here the layers are
-found by type and all of their entries (parameters and buffers) stay local. With a model that has no
+Difference from PFLlib: PFLlib's FedBN keeps local the *parameters* whose name contains "bn" (its clients never
+receive buffers, so running statistics stay local as well), so normalisation layers named otherwise (torchvision
+ResNets' ``downsample.1``, GroupNorm or LayerNorm layers) are averaged like any other layer; here the layers are
+found by type and all of their entries (parameters and buffers) stay local. With BatchNorm layers named "bn" the
+two compute the same (tests/reference/test_pfllib_step.py::test_step_equivalence[fedbn]). With a model that has no
 normalisation layer (the plain ``cnn``) FedBN is FedAvg; use ``cnn_bn`` (the paper's CNN with BatchNorm) or a ResNet.
 """
 from __future__ import annotations
