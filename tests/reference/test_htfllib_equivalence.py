@@ -607,7 +607,7 @@ def case_fedktl(ds):
     """The departure: HtFLlib's ``set_Centroids`` assigns ``.data`` to row views of the centroid embedding, which
     leaves the embedding unchanged, so HtFLlib never resets the centroids to the class means of F(P) (the paper's
     step, which fedforge takes): its centroids are the embedding, trained by the alignment and carried across rounds.
-    With that reset switched off in fedforge the server steps agree.
+    With ``reset_centroids=false`` the server steps agree; with the default (either ``centroid_stats``) they differ.
 
     One server epoch (one Adam step on the 13 prototypes). F's first layer feeds BatchNorm, so in training mode F's
     output does not depend on that layer's bias: its gradient is zero up to round-off, which Adam turns into steps of
@@ -617,8 +617,7 @@ def case_fedktl(ds):
     formulas, or fedforge mapping the prior in chunks of ``gen_batch_size``): after 3 epochs F(P) differs by about
     1e-5 of its scale, 2.5e-7 for the centroids. The two MMD² estimates are compared directly."""
     srv = htfllib_module("fedktl")
-    no_reset = (fedktl_mod, "class_centroids", lambda Fm, p, l, current, running_stats=False: current.detach().clone())
-    G, ff, server0, ups1, server1 = _ktl_round(ds, KTL, [no_reset])
+    G, ff, server0, ups1, server1 = _ktl_round(ds, {**KTL, "reset_centroids": False})
     perms, zs = ff.tape.queue("randperm"), ff.tape.queue("randn")
     hp = ff.algo.hp
     pickle_stand_in = type("Pickle", (), {"load": staticmethod(lambda f: {"G_ema": G})})
@@ -679,11 +678,11 @@ def case_fedktl(ds):
         q = q.train()(protos)
         w = G.mapping(zs[0])[:, 0, :]
     close(fedktl_mod.mmd_rbf(q, w, fedktl_mod.MMD_BANDWIDTHS), srv.MMD(q, w, "rbf", "cpu"), "MMD²")
-    # fedforge's centroids (reset to the class means of F(P), as the paper says) are another thing: with either
-    # BatchNorm statistics they differ from HtFLlib's trained embedding
+    # fedforge's default centroids (reset to the class means of F(P), as the paper says) are another thing: with
+    # either BatchNorm statistics they differ from HtFLlib's trained embedding
     for stats in ("prototypes", "running"):
         default1 = _ktl_round(ds, {**KTL, "centroid_stats": stats})[4]
-        assert far(default1["centroids"], cents)
+        assert ff.algo.hp.reset_centroids is False and far(default1["centroids"], cents)
 
     # round 2: the clients' image → latent task on the generated pairs (fedforge's batches of them)
     cycles = []

@@ -32,12 +32,17 @@ Departures from prior code (HtFLlib / FedKTL repository), following the paper:
   is also per client, because heterogeneous clients have different feature sizes (HtFLlib pools every feature
   to 512).
 * prototypes come from the model after local training (the same in the authors' code).
-* the class centroids are the means of F(P) with BatchNorm normalising by the uploaded prototypes' own statistics
-  (as during alignment). HtFLlib computes them with F in eval mode, i.e. with running statistics left from the
-  previous round's prototypes; when the prototypes' spread changes between rounds (it grows fast in the first
+* the class centroids are set to the means of F(P) before and after each alignment, as the paper says, with
+  BatchNorm normalising by the uploaded prototypes' own statistics (as during alignment). The authors' code means to
+  compute them with F in eval mode, i.e. with running statistics left from the previous round's prototypes
+  (``centroid_stats=running``); when the prototypes' spread changes between rounds (it grows fast in the first
   rounds) that maps them far from the prior (root-mean-square 12.7 instead of about 1 for the built-in
   generator's N(0, I) in ``benchmarks/ktl_centroid_probe.py``), the MMD's RBF kernels vanish there, and the λ·MSE
-  term drags F after them. ``centroid_stats=running`` restores the authors' behaviour.
+  term drags F after them. But its ``set_Centroids`` assigns ``.data`` to row views of the centroid embedding, which
+  leaves the embedding unchanged: the authors' centroids are the embedding (N(0, 1) at first), trained by the
+  alignment and kept from round to round, never reset. ``reset_centroids=false`` does that (checked step by step
+  against HtFLlib in ``tests/reference/test_htfllib_equivalence.py``).
+* gradients are clipped per module (the client's model and h', the server's F and centroids), as the authors' code.
 * the ETF is fixed and built from the run seed on each side, so it is never sent (the paper does not count it).
 * generated images are sent as uint8 pixels at the clients' input shape (C·H·W·channels bytes each) and
   normalised like the clients' own data, not with HtFLlib's fixed 0.5/0.5.
@@ -89,8 +94,11 @@ class FedKTLParams(HyperParams):
     guidance: float = hp(7.5, "classifier-free guidance scale of a diffusion generator", ge=0.0)
     gen_batch_size: int = hp(4, "images per generator call on the server", ge=1)
     centroid_stats: str = hp("prototypes", "BatchNorm statistics of F when the class centroids are (re)set: the uploaded "
-                             "prototypes' own, or 'running' (the authors' code: eval mode, last round's running statistics)",
-                             choices=("prototypes", "running"))
+                             "prototypes' own, or 'running' (eval mode, last round's running statistics: what the "
+                             "authors' code means to do; see reset_centroids)", choices=("prototypes", "running"))
+    reset_centroids: bool = hp(True, "set the class centroids to the class means of F(P) before and after the alignment "
+                               "(the paper); false keeps the trained centroids from round to round, which is what the "
+                               "authors' code does (its reset writes to row views of the embedding and changes nothing)")
 
     def validate(self, owner: str) -> None:
         for name, low, strict in (("lam", 0.0, False), ("mu", 0.0, False), ("server_lr", 0.0, True)):
@@ -291,8 +299,9 @@ class FedKTL(Algorithm):
         Fm.load_state_dict(under(server, "ftrans"))
         Fm.to(dev)
         protos, labels = protos.to(dev).float(), labels.to(dev)
-        running = self.hp.centroid_stats == "running"
-        cent = nn.Parameter(class_centroids(Fm, protos, labels, server["centroids"].to(dev), running))
+        running, reset = self.hp.centroid_stats == "running", self.hp.reset_centroids
+        start = server["centroids"].to(dev).float()
+        cent = nn.Parameter(class_centroids(Fm, protos, labels, start, running) if reset else start.clone())
         opt_f = torch.optim.Adam(Fm.parameters(), lr=self.server_lr)
         opt_c = torch.optim.Adam([cent], lr=self.server_lr)
         n, bs = protos.shape[0], self.hp.server_batch_size
@@ -322,7 +331,7 @@ class FedKTL(Algorithm):
             if batches:
                 history["mmd"].append(sums[0] / batches)
                 history["mse"].append(sums[1] / batches)
-        final = class_centroids(Fm, protos, labels, cent.detach(), running)
+        final = class_centroids(Fm, protos, labels, cent.detach(), running) if reset else cent.detach().clone()
         new = {**server, **with_prefix({k: v.detach().clone() for k, v in Fm.state_dict().items()}, "ftrans"),
                "centroids": final}
         return new, history
