@@ -47,6 +47,14 @@ class RunConfig:
     weight_decay: float = opt(0.0, "L2 weight decay of the local optimiser", ge=0)
     lr_decay: float = opt(1.0, "the local learning rate of round r is lr·lr_decay^(r−1) (PFLlib's -ld/-ldg; 1: none)",
                           gt=0, le=1)
+    server_opt: str | None = opt(None, "server optimiser on the global weights' change (Reddi et al. 2021): sgd, avgm "
+                                 "(FedAvgM), adagrad, adam or yogi; any weight-sharing algorithm",
+                                 choices=("sgd", "avgm", "adagrad", "adam", "yogi"))
+    server_lr: float = opt(1.0, "server learning rate η of --server-opt", gt=0)
+    server_momentum: float = opt(0.9, "β₁ of --server-opt (momentum of avgm, first moment of adagrad/adam/yogi)",
+                                 ge=0, lt=1)
+    server_beta2: float = opt(0.99, "β₂ of --server-opt adam/yogi", ge=0, lt=1)
+    server_tau: float = opt(1e-3, "adaptivity τ of --server-opt adagrad/adam/yogi", gt=0)
     eval_every: int = opt(1, "evaluate every N rounds (and after the last)", ge=1)
     eval_batch_size: int = opt(500, "batch size for evaluation", ge=1)
     seed: int = opt(0, "random seed (every round and client draws from its own stream derived from it)", ge=0)

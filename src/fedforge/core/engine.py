@@ -34,6 +34,7 @@ from .executors import Executor
 from .faults import ClientFailure, DivergenceError, RunStopped, TooManyFailures, first_nonfinite, nonfinite_number
 from .messages import nbytes, numel, to_device
 from .runtime import Task
+from .server_opt import ServerOptimizer, algorithm_view
 from .store import StateStore
 from .training import summarize_counts
 
@@ -109,8 +110,11 @@ class FailureStop(Exception):
 
 class RoundEngine:
     def __init__(self, algo: Algorithm, schedule: Schedule, executor: Executor, *, listeners: Iterable[Any] = (),
-                 should_stop: Callable[[], bool] = lambda: False, clock: Callable[[], float] = time.perf_counter):
+                 should_stop: Callable[[], bool] = lambda: False, clock: Callable[[], float] = time.perf_counter,
+                 server_opt: ServerOptimizer | None = None):
         self.algo, self.s, self.executor = algo, schedule, executor
+        self.server_opt = server_opt  # a server-side update rule composed with the algorithm's aggregate
+        self._opt_names: set[str] = set()
         self.events = Listeners(listeners)
         self.should_stop = should_stop
         self.clock = clock  # seconds since the run started (a resumed run continues its count)
@@ -120,7 +124,15 @@ class RoundEngine:
     # ------------------------------------------------------------------------------------------- loop
     def start(self) -> dict:
         self.seed_server(0, "init")
-        return to_device(self.algo.init_server(), self.device)
+        server = to_device(self.algo.init_server(), self.device)
+        if self.server_opt is not None:
+            params = {n for n, _ in self.algo.ctx.build_model().named_parameters()}
+            self._opt_names = self.server_opt.check(server, params)
+        return server
+
+    def view(self, server: dict) -> dict:
+        """The server state as the algorithm's hooks see it (the server optimiser's state kept apart)."""
+        return algorithm_view(server) if self.server_opt is not None else server
 
     def run(self, prog: Progress) -> Progress:
         if prog.round == 0 and not prog.records and self.due(0):
@@ -162,7 +174,8 @@ class RoundEngine:
         active, dropped = self.select_clients(rnd)
         self.events.emit("round_started", rnd, active, dropped)
         self.seed_server(rnd, "broadcast")
-        msgs = {cid: to_device(self.algo.broadcast(prog.server, cid, rnd), CPU) for cid in active + dropped}
+        server = self.view(prog.server)
+        msgs = {cid: to_device(self.algo.broadcast(server, cid, rnd), CPU) for cid in active + dropped}
         info: dict[str, Any] = {"bytes_down": sum(nbytes(m) for m in msgs.values()),
                                 "params_down": sum(numel(m) for m in msgs.values())}
         tasks = [Task("train", cid, rnd, msgs[cid], prog.store.get(cid)) for cid in active]
@@ -195,7 +208,9 @@ class RoundEngine:
         self.seed_server(rnd, "aggregate")
         for u in updates:
             u.upload = to_device(u.upload, self.device)
-        server = self.algo.aggregate(prog.server, updates, rnd)
+        server = self.algo.aggregate(server, updates, rnd)
+        if self.server_opt is not None:
+            server = self.server_opt.step(prog.server, server, self._opt_names)
         bad = first_nonfinite(server)
         if bad is not None:
             raise FailureStop(DivergenceError(f"the run diverged: round {rnd}: the aggregated server state tensor "
@@ -243,7 +258,7 @@ class RoundEngine:
         # tasks are made lazily, between other clients' work (which reseeds this process's streams in the
         # sequential executor): seed per client so that the message never depends on what ran before
         self.seed_server(rnd, phase, cid)
-        return to_device(self.algo.eval_message(server, cid), CPU)
+        return to_device(self.algo.eval_message(self.view(server), cid), CPU)
 
     def record(self, rnd: int, prog: Progress, info: Mapping[str, Any] | None = None, stage: str | None = None) -> dict:
         """Evaluate every client and append one metrics record to ``prog.records`` (``stage``: e.g. finetune)."""
@@ -261,7 +276,7 @@ class RoundEngine:
             rec["failed"] = info["failed"]
         rec |= prog.totals
         self.seed_server(rnd, "metrics")
-        rec |= self.algo.server_metrics(prog.server)
+        rec |= self.algo.server_metrics(self.view(prog.server))
         rec["eval_seconds"] = time.perf_counter() - t0
         rec["train_seconds"] = prog.train_seconds
         rec["seconds"] = self.clock()

@@ -37,6 +37,7 @@ from .faults import (AlreadyComplete, ClientFailure, FaultPlan, RunInterrupted, 
 from .injection import FaultInjector
 from .messages import to_device
 from .runtime import WorkerSpec
+from .server_opt import ServerOptimizer, algorithm_view
 from .store import MemoryStore, open_store
 from .tracking import open_trackers
 
@@ -190,6 +191,13 @@ class Simulation:
                 f"{self.ctx.num_clients} clients, model {arch}: {model.num_parameters():,} parameters")
 
     @property
+    def server_optimizer(self) -> ServerOptimizer | None:
+        c = self.cfg
+        if c.server_opt is None:
+            return None
+        return ServerOptimizer(c.server_opt, c.server_lr, c.server_momentum, c.server_beta2, c.server_tau)
+
+    @property
     def schedule(self) -> Schedule:
         c = self.cfg
         return Schedule(c.seed, c.rounds, c.join_ratio, c.random_join, c.drop_rate, c.eval_every, c.on_nan,
@@ -233,7 +241,7 @@ class Simulation:
             self._t_start -= float(self.checkpoint.info.get("elapsed", 0.0))
         engine = RoundEngine(self.algo, self.schedule, executor, listeners=[self, *self.hooks.listeners],
                              should_stop=lambda: self._stop is not None,
-                             clock=lambda: time.perf_counter() - self._t_start)
+                             clock=lambda: time.perf_counter() - self._t_start, server_opt=self.server_optimizer)
         prog: Progress | None = None
         try:
             with StopSignals(self._on_signal):
@@ -281,14 +289,14 @@ class Simulation:
         if rd is not None:
             rd.write_json("summary.json", summary)
             try:
-                server_keys = [k for k in self.algo.server_metrics(prog.server) if "seconds" not in k]
+                server_keys = [k for k in self.algo.server_metrics(algorithm_view(prog.server)) if "seconds" not in k]
                 plot_curves(prog.records, rd.file("curves.png"), title=f"{cfg.algorithm} · {self.ds.name}",
                             server_keys=server_keys)
             except Exception as e:  # a plot must never lose a finished run
                 log.warning("could not draw curves.png (%s)", e)
             rd.set_status("complete", wall_seconds=wall)
         self._track("finish", summary, rd.path if rd else None, "complete")
-        return RunResult(summary, prog.records, rd.path if rd else None, prog.server, prog.store)
+        return RunResult(summary, prog.records, rd.path if rd else None, algorithm_view(prog.server), prog.store)
 
     def _make_executor(self) -> Executor:
         executor = self._executor or make_executor(self.cfg)
@@ -399,7 +407,7 @@ class Simulation:
         """Images an algorithm wants kept (``Algorithm.artifacts``), as ``artifacts/<name>_round<r>.png``."""
         if self.run_dir is None:
             return
-        for name, image in self.algo.artifacts(server).items():
+        for name, image in self.algo.artifacts(algorithm_view(server)).items():
             from PIL import Image
 
             path = self.run_dir.file("artifacts") / f"{name}_round{rnd:04d}.png"
