@@ -58,3 +58,20 @@ def test_avgm_without_momentum_at_lr_1_is_plain_and_a_method_without_weights_is_
         torch.testing.assert_close(a.server[k], b.server[k], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="server state holds none"):
         _run(algorithm="fedproto", server_opt="adam")
+
+
+def test_server_optimiser_state_resumes_bit_for_bit(tmp_path):
+    import signal
+
+    from fedforge.core.faults import RunInterrupted
+    from fedforge.core.simulation import resume_config
+
+    over = dict(server_opt="yogi", server_lr=0.05, rounds=3, checkpoint_every=0)
+    full = _run(**over)
+    run = tmp_path / "stopped"
+    sim = Simulation(build_config(overrides={**BASE, **over}), run_dir=run, progress=False,
+                     on_record=lambda r: r["round"] == 1 and sim.request_stop(signal.SIGTERM))
+    with pytest.raises(RunInterrupted):
+        sim.run()
+    res = Simulation(resume_config(run), resume=run, progress=False).run()
+    assert _strip(res.records) == _strip(full.records)
