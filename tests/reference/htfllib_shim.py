@@ -150,6 +150,10 @@ def htfl_model_string(arch: str, input_shape: Sequence[int]) -> str:
         if depth <= 10:  # HtFLlib's own resnet.py (HtFE-img-9)
             return f"resnet{depth}(num_classes=args.num_classes)"
         return f"torchvision.models.resnet{depth}(pretrained=False, num_classes=args.num_classes)"
+    if arch == "ht_googlenet":
+        return "torchvision.models.googlenet(pretrained=False, aux_logits=False, num_classes=args.num_classes)"
+    if arch == "ht_mobilenet_v2":  # HtFLlib's own copy of torchvision's MobileNetV2
+        return "mobilenet_v2(pretrained=False, num_classes=args.num_classes)"
     raise ValueError(f"no HtFLlib counterpart mapped for {arch}")
 
 

@@ -765,9 +765,10 @@ def test_step_equivalence_htfllib(algorithm, cifar):
 
 
 # --------------------------------------------------------------------------------- shim and models
-@pytest.mark.parametrize("arch", ["cnn", "ht_resnet4", "ht_resnet18"])
+@pytest.mark.parametrize("arch", ["cnn", "ht_resnet4", "ht_resnet18", "ht_googlenet", "ht_mobilenet_v2"])
 def test_architecture_matches_htfllib(arch, cifar):
-    """Same weights → same features and logits (train and eval mode): fedforge's group member is HtFLlib's model."""
+    """Same weights → same features and logits (train and eval mode, dropout masks drawn from the same seed):
+    fedforge's group member is HtFLlib's model."""
     ds = cifar
     shape = (ds.x.shape[3], ds.x.shape[1], ds.x.shape[2])
     ff_model = create_model(arch, shape, ds.num_classes, seed=0)
@@ -779,8 +780,12 @@ def test_architecture_matches_htfllib(arch, cifar):
     for train in (False, True):
         ff_model.train(train)
         ht_model.train(train)
-        close(ff_model.features(x), ht_model.base(x), f"{arch} features (train={train})")
-        close(ff_model(x), ht_model(x), f"{arch} logits (train={train})")
+        outs = []
+        for fn in (ff_model.features, ht_model.base, ff_model, ht_model):
+            torch.manual_seed(1)
+            outs.append(fn(x))
+        close(outs[0], outs[1], f"{arch} features (train={train})")
+        close(outs[2], outs[3], f"{arch} logits (train={train})")
 
 
 def test_fedmrl_small_cnn_differs_from_htfllib(cifar):

@@ -13,6 +13,7 @@ stride-2 first convolution, GoogLeNet its stem) with only the first convolution'
 (1 for MNIST-like images); the classifier is removed and the flat backbone output is average-pooled to the common
 feature dimension (512 by default) with parameter-free 1-D adaptive average pooling, exactly as HtFLlib does
 (ResNet-50's 2048-d and GoogLeNet's 1024-d vectors are averaged in windows, ResNet-4's 64-d vector is repeated).
+Dropout in front of the removed classifier stays, as in HtFLlib (GoogLeNet's and MobileNetV2's, p 0.2).
 The head is ``Linear(512, C)``; ViT members get HtFLlib's ``Linear(512, 768) → Tanh → Linear(768, C)``.
 
 Input resolution: 28×28×1 and 32×32×3 images go through every member as they are (spatial maps shrink to 1×1 at
@@ -77,19 +78,20 @@ class ResizeTo(nn.Module):
 
 
 class Trunk(nn.Module):
-    """A backbone that ends in a flat vector, optionally pooled to a common width."""
+    """A backbone that ends in a flat vector, optionally dropped out and pooled to a common width."""
 
-    def __init__(self, body: nn.Module, spatial: bool, width: int, pool_to: int | None):
+    def __init__(self, body: nn.Module, spatial: bool, width: int, pool_to: int | None, dropout: float = 0.0):
         super().__init__()
         self.body = body
         self.spatial = spatial  # body returns a feature map that needs global average pooling
+        self.drop = nn.Dropout(dropout) if dropout else nn.Identity()
         self.pool = PoolTo(pool_to) if pool_to and pool_to != width else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         z = self.body(x)
         if self.spatial:
             z = torch.flatten(F.adaptive_avg_pool2d(z, 1), 1)
-        return self.pool(z)
+        return self.pool(self.drop(z))
 
 
 def mlp_head(in_dim: int, hidden: Sequence[int], num_classes: int) -> nn.Module:
@@ -207,11 +209,14 @@ def _member(arch: str, head_hidden: Sequence[int] = ()):
         if feature_dim < 1:
             raise ConfigError(f"feature_dim must be a positive integer, got {feature_dim}.")
         body, spatial, width = _trunk(arch, tuple(input_shape), small_stem=False)
+        # HtFLlib's MobileNetV2 keeps its dropout (p 0.2) in front of the classifier it replaces by the pooling
+        # (GoogLeNet's dropout sits inside torchvision's trunk and stays anyway)
+        dropout = 0.2 if arch == "mobilenet_v2" else 0.0
         if arch.startswith("vit_b_") and not head_hidden:
             head = nn.Sequential(nn.Linear(feature_dim, 768), nn.Tanh(), nn.Linear(768, num_classes))
         else:
             head = mlp_head(feature_dim, head_hidden, num_classes)
-        return FedModel(Trunk(body, spatial, width, feature_dim), head, feature_dim, name)
+        return FedModel(Trunk(body, spatial, width, feature_dim, dropout), head, feature_dim, name)
 
     return name, build
 
