@@ -10,28 +10,19 @@ from pathlib import Path
 START, END = "<!-- algorithms:start -->", "<!-- algorithms:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
 
-FAMILIES = [
-    ("Traditional FL (one global model)", lambda c: c.has_global and not c.personalized and not c.heterogeneous),
-    ("Personalized FL (each client judged with its own model)", lambda c: c.personalized and not c.heterogeneous),
-    ("Heterogeneous-model FL (clients may own different architectures)", lambda c: c.heterogeneous),
-    ("Other", lambda c: True),
-]
-
-
 def table() -> str:
+    """One table per family, in the registry's family order (``fedforge.core.algorithm.FAMILIES``)."""
     from fedforge.algorithms import ALGORITHMS
+    from fedforge.core.algorithm import FAMILIES, family_of
 
-    seen: set[str] = set()
     out = []
-    for title, pred in FAMILIES:
+    for key, title in FAMILIES:
         # only the library's own algorithms (a test or a user plugin may register more in the same process)
-        rows = [e for e in ALGORITHMS.entries()
-                if e.name not in seen and e.obj.__module__.startswith("fedforge.") and pred(e.obj)]
+        rows = [e for e in ALGORITHMS.entries() if e.obj.__module__.startswith("fedforge.") and family_of(e.obj) == key]
         if not rows:
             continue
         out += [f"**{title}**", "", "| name | what it does | paper |", "|---|---|---|"]
         for e in rows:
-            seen.add(e.name)
             summary = e.summary.replace("|", "\\|")
             out.append(f"| `{e.name}` | {summary} | {getattr(e.obj, 'paper', '') or '-'} |")
         out.append("")

@@ -56,8 +56,14 @@ def test_list(capsys):
     for word in ("algorithms:", "fedavg", "datasets:", "digits", "pfllib", "models:", "cnn", "partitioners:", "dirichlet"):
         assert word in out
     code, out, _ = run_cli(["list", "algorithms", "fed*"], capsys)
-    names = [line.split()[0] for line in out.splitlines()[1:] if line.strip()]
+    lines = out.splitlines()[1:]
+    names = [line.split()[0] for line in lines if line.startswith("    ") and not line.strip().startswith("paper:")]
     assert "fedavg" in names and "local" not in names and all(n.startswith("fed") for n in names)
+    # grouped by family, each algorithm with its paper
+    families = [line.strip() for line in lines if line.startswith("  ") and not line.startswith("    ")]
+    assert families[:2] == ["Traditional FL (one global model):", "Personalized FL (each client judged with its own model):"]
+    assert "Generator-assisted FL (a pretrained generator on the server lends knowledge):" in families
+    assert "paper: McMahan et al., Communication-Efficient Learning" in out
 
 
 def test_partition_command(tmp_path, capsys):

@@ -154,14 +154,36 @@ def cmd_list(args: argparse.Namespace) -> int:
         if k not in listing:
             raise ConfigError(f"cannot list '{k}'{suggest(k, listing)}; choose one of {', '.join(listing)}.")
     for k in kinds:
-        rows = [(n, s) for n, s in listing[k]() if not args.pattern or fnmatch.fnmatch(n, args.pattern)]
-        print(f"{k}:")
-        width = max((len(n) for n, _ in rows), default=0)
-        for n, s in rows:
-            print(f"  {n.ljust(width)}  {s}")
+        if k == "algorithms":
+            _list_algorithms(args.pattern)
+        else:
+            rows = [(n, s) for n, s in listing[k]() if not args.pattern or fnmatch.fnmatch(n, args.pattern)]
+            print(f"{k}:")
+            width = max((len(n) for n, _ in rows), default=0)
+            for n, s in rows:
+                print(f"  {n.ljust(width)}  {s}")
         if len(kinds) > 1:
             print()
     return 0
+
+
+def _list_algorithms(pattern: str | None) -> None:
+    """The algorithms grouped by family, each with what it does and its paper."""
+    from .algorithms import ALGORITHMS
+    from .core.algorithm import FAMILIES, family_of
+
+    print("algorithms:")
+    entries = list(ALGORITHMS.entries(pattern))
+    width = max((len(e.name) for e in entries), default=0)
+    for key, title in FAMILIES:
+        rows = [e for e in entries if family_of(e.obj) == key]
+        if not rows:
+            continue
+        print(f"  {title}:")
+        for e in rows:
+            print(f"    {e.name.ljust(width)}  {e.summary}")
+            if getattr(e.obj, "paper", ""):
+                print(f"    {' ' * width}  paper: {e.obj.paper}")
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -204,6 +204,7 @@ class FedKTL(Algorithm):
     personalized = True
     has_global = False
     heterogeneous = True
+    family = "generator"  # a pretrained generator on the server lends knowledge to the clients
 
     def __init__(self, hp: FedKTLParams, ctx):
         super().__init__(hp, ctx)

@@ -45,6 +45,24 @@ class EvalResult:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+# families, in the order listings show them: (key, title)
+FAMILIES: tuple[tuple[str, str], ...] = (
+    ("tFL", "Traditional FL (one global model)"),
+    ("pFL", "Personalized FL (each client judged with its own model)"),
+    ("HtFL", "Heterogeneous-model FL (clients may own different architectures)"),
+    ("generator", "Generator-assisted FL (a pretrained generator on the server lends knowledge)"),
+    ("IoT", "FL for IoT devices (FL-IoT)"),
+)
+
+
+def family_of(cls: type["Algorithm"]) -> str:
+    """An algorithm's family: its explicit ``family``, else from its flags (heterogeneous → HtFL, personalized → pFL,
+    else tFL)."""
+    if cls.family:
+        return cls.family
+    return "HtFL" if cls.heterogeneous else "pFL" if cls.personalized else "tFL"
+
+
 def register_algorithm(name: str, **meta: Any):
     """Class decorator: register an Algorithm subclass under ``name``."""
 
@@ -66,6 +84,7 @@ class Algorithm:
     has_global: ClassVar[bool] = True  # there is a global model to judge each client with
     heterogeneous: ClassVar[bool] = False  # works when clients own different architectures
     has_finetune: ClassVar[bool] = False  # runs ``finetune`` on every client after the last round
+    family: ClassVar[str] = ""  # one of FAMILIES' keys; "" derives it from the flags above (see family_of)
 
     def __init__(self, hp: HyperParams, ctx: Context):
         self.hp = hp
