@@ -561,6 +561,21 @@ def case_fedgen(ds):
     for k in ("weight", "bias"):
         close(server1[f"head.{k}"], head[k], f"server head.{k}")
 
+    # the ensemble's weights: fedforge weighs head k for label y by n_k^y / Σ_j n_j^y (the paper's code), HtFLlib by
+    # the sample share n_k / Σ_j n_j for every label. The equal histograms above make both 1/2; with skewed
+    # histograms of the same sizes (HtFLlib's weights stay 1/2) the generators part.
+    skew = torch.tensor([[10.0, 5, 5, 5, 5, 0, 0, 0, 0, 0], [2.0, 7, 7, 7, 7, 0, 0, 0, 0, 0]])
+    skewed = [Update({**u.upload, "labels/count": skew[c]}, u.state, u.weight, cid=c) for c, u in ups1.items()]
+    server1_skew = ff.aggregate(server0, skewed, 1)
+    g = copy.deepcopy(gen_module)
+    load_pairs(g, under(server0, "gen"), gen_pairs)
+    ht.s.put("Server", "generative_model", g)
+    with ordered_sampling(), patched((np.random, "choice", feeder(ff.tape.queue("multinomial"), lambda t: t.numpy())),
+                                     (torch, "rand", feeder(ff.tape.queue("randn")))):
+        ht.server.receive_ids()
+        ht.server.train_generator()
+    assert model_far(under(server1_skew, "gen"), ht.s.loaded[("Server", "generative_model")], gen_pairs)
+
     # round 2: clients train their head on generator samples too (fedforge's draws)
     ht.set_module("Server", "head", model_entries(server1))
     for cid in (0, 1):

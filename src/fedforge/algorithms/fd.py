@@ -15,7 +15,10 @@ class seen so far (C·C floats). Each client keeps its whole model and is judged
 Departures from prior code: HtFLlib's FD collects the logits during training (mixing all the epoch's models);
 here they come from the trained model, as for prototypes. HtFLlib commit ca3e29a dropped the softmax on the
 teacher, so its soft target is the raw averaged logit vector, which is not a distribution; the paper distils
-towards the softmax of the global logits, which is what this does (temperature 1).
+towards the softmax of the global logits, which is what this does (temperature 1). A sample whose class has no
+global logit yet adds no distillation term here; HtFLlib distils it towards its own detached logits, which still
+pulls. With the softmaxed target and the trained model's logits substituted, one round equals HtFLlib's
+(``tests/reference/test_htfllib_equivalence.py``).
 """
 from __future__ import annotations
 

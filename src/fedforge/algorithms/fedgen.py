@@ -21,7 +21,14 @@ G = Linear(noise + C → hidden) → BatchNorm → ReLU → Linear(hidden → d)
 Departures from prior code: HtFLlib and the official code draw the noise uniformly (``torch.rand``) although their
 comments say Gaussian; the paper's noise is Gaussian, used here. The generator's diversity regulariser of the official code and its
 decaying loss weights are left out (the paper's objective, Eq. 4–5, has neither). Adam's moments restart each round.
-Defaults: noise 32, hidden 512, Adam lr 0.005, 100 steps (HtFLlib's benchmark script), α = 1 (the paper's Eq. 5).
+HtFLlib further (step-checked in ``tests/reference/test_htfllib_equivalence.py``): weighs every uploaded head by the
+client's share of all samples, for every label (here n_k^y / Σ_j n_j^y per label, as the paper's code; the same when
+the clients' label histograms are proportional); lets its clients use the generator from the first round on, before
+the server has trained it (here only once trained), and in training mode (BatchNorm on batch statistics); draws the
+server's labels from every client's counts (here this round's clients'); and never saves the generator its server
+trains, so its clients always see the initial one.
+Defaults: noise 32, hidden 512 and 100 steps (HtFLlib's benchmark script and default; PFLlib's default is 1000
+steps), Adam lr 0.005 (HtFLlib's and PFLlib's argparse default; HtFLlib's script uses 0.1), α = 1 (the paper's Eq. 5).
 """
 from __future__ import annotations
 

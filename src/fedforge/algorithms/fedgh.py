@@ -13,7 +13,9 @@ Every architecture must therefore have the same head. H starts from the initial 
 (HtFLlib starts from client 0's head).
 
 Defaults: the server trains with SGD at η_s = 0.01 for one epoch over the prototypes in mini-batches of the
-clients' batch size, as HtFLlib's benchmark script runs FedGH (its argparse default is 100 epochs).
+clients' batch size, as HtFLlib's benchmark script runs FedGH (one version of ``total.sh`` passes ``-se 1``; its
+argparse default is 100 epochs). The authors' code (LipingYi/FedGH) also makes one pass per round, one prototype per
+step. One round's client and server steps equal HtFLlib's (``tests/reference/test_htfllib_equivalence.py``).
 """
 from __future__ import annotations
 

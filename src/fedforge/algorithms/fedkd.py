@@ -24,7 +24,13 @@ an update (partial participation) receives the whole mentee instead. Clients are
 Departures from prior code: HtFLlib compresses the mentee's weights rather than its updates and adds the hidden
 loss twice (its ``L_h_g`` equals ``L_h``); here updates are compressed, as in the paper, and the shared hidden term
 is counted once. The mentee is ``mentee_model`` (default: the group's first architecture, as HtFLlib's
-``models[0]``). Non-floating buffers (BatchNorm step counters) stay local.
+``models[0]``). Non-floating buffers (BatchNorm step counters) stay local. HtFLlib also differs in: its KL terms
+(``nn.KLDivLoss()``: the mean over batch × classes, 1/C of the KL, with gradients into the other model's output too)
+and its divisor L_t + L_s (differentiated); W_h without bias (here a linear layer with bias); each model's gradient
+clipped at norm 10; the mentees averaged unweighted; convolution kernels compressed as one SVD per k×k slice (here
+the out × in·k·k matrix); T(t) = T_start + (T_end − T_start)·(t − 1)/R; and a rank search over ``range(len(σ))``
+that never keeps every singular value, so a matrix that needs all of them arrives as zeros. Only the SVD codec of a
+weight matrix is step-checked against it (``tests/reference/test_htfllib_equivalence.py``).
 """
 from __future__ import annotations
 

@@ -15,7 +15,11 @@ architecture with 128-d features, as HtFLlib's ``-sfd 128`` on ``models[0]``).
 
 Departure from prior code: HtFLlib's client never saves the projector after training, so it stays at its
 initial random weights; here P_k is trained and kept, as the paper describes. The global model is averaged
-with sample weights (the paper's FedAvg step) rather than HtFLlib's unweighted mean.
+with sample weights (the paper's FedAvg step) rather than HtFLlib's unweighted mean, and whole: HtFLlib averages only
+its parameters, so the server's BatchNorm statistics stay the initial ones, and every client downloads those.
+With the 4-layer CNN first in a group (``htfe-img-2``, ``-4``, ``-8``), HtFLlib's small model is FedAvgCNN whose
+512-wide fc output is average-pooled to 128, here the CNN with a 128-wide fc layer (ht_* models are pooled as in
+HtFLlib). One round equals HtFLlib's otherwise (``tests/reference/test_htfllib_equivalence.py``, ResNet-4 first).
 """
 from __future__ import annotations
 

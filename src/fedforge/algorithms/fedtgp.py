@@ -19,7 +19,9 @@ The head's accuracy is reported as ``head_acc`` beside the nearest-prototype ``p
 Departures from prior code: HtFLlib's FedTGP client (and the standalone repo) computes the uploaded prototypes
 before saving the trained model, so they come from the start-of-round model; here they come from the trained
 model, as the paper describes. The client regulariser is the paper's Euclidean distance with λ = 0.1; HtFLlib
-uses the mean squared error with λ = 10 (its benchmark script).
+uses the mean squared error with λ = 10 (its benchmark script). With one class uploaded, the margin is 0 here and τ
+in HtFLlib (its sentinel distance survives). The server step equals HtFLlib's
+(``tests/reference/test_htfllib_equivalence.py``).
 """
 from __future__ import annotations
 

@@ -14,7 +14,11 @@ test data as the ``global`` model.
 The meme architecture is ``shared_model`` (default: the first architecture of the group, as HtFLlib uses
 ``models[0]`` when a group defines no global model). α = β = 0.5 as in the paper and HtFLlib's benchmark script
 (HtFLlib's argparse default α = β = 1 switches mutual learning off). Unlike HtFLlib, the meme is averaged with
-sample weights (FedAvg, as the paper) and no gradient clipping is added.
+sample weights (FedAvg, as the paper) and no gradient clipping is added (HtFLlib clips each model's gradient norm at
+10); and each KL is the batch mean of KL against the other model's fixed prediction, where HtFLlib's
+``nn.KLDivLoss()`` takes the mean over batch × classes (1/C of the KL) and passes gradients into the other model's
+prediction as well. With those three substituted, one round equals HtFLlib's
+(``tests/reference/test_htfllib_equivalence.py``).
 """
 from __future__ import annotations
 
