@@ -18,7 +18,8 @@ oracle: this module imports and runs it, it copies none of its code. What it pro
 
 Adding an algorithm: write an :class:`AlgoSpec` (fedforge name and hyper-parameters, PFLlib server class and
 ``args``, and, where the default model-weights view does not fit, the views that name comparable tensors on each
-side) and call :func:`step_equivalence` (see ``tests/reference/test_pfllib_step.py``).
+side) in ``tests/reference/pfllib_specs.py`` and add it to ``SPECS``; the parametrized test runs it with
+:func:`step_equivalence`. docs/faithfulness.md lists what each algorithm aligns and why.
 """
 from __future__ import annotations
 
@@ -49,9 +50,9 @@ from fedforge.data import Dataset, Partition, load_dataset, make_partition
 REPO = Path(__file__).resolve().parents[2]
 
 # Float32 tolerance of every comparison. rtol 1e-5 is the project's bar for "the same update". atol: weights are
-# O(1e-2..1e-1), and the two codes round differently (fedforge convolves channels-last tensors with one fused
-# SGD step, PFLlib contiguous ones with per-tensor steps; aggregation sums clients in another order), which leaves
-# differences of ~1e-8 after a round's steps (measured: see tests/reference/test_pfllib_step.py); 1e-6 admits
+# O(1e-2..1e-1), and the two codes round differently (fedforge convolves channels-last tensors, its weighted average
+# uses a fused multiply-add, some methods compute a term in another order), which leaves differences of ~1e-8 after
+# a round's steps (measured on every algorithm of pfllib_specs.py; round 1 is mostly bit for bit); 1e-6 admits
 # those where an element sits near zero and a relative bound means nothing, and is 1e3-1e4 times smaller than one
 # SGD step at lr 0.005 moves a weight, so a missing or extra term cannot hide in it.
 RTOL, ATOL = 1e-5, 1e-6
