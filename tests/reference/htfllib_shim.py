@@ -141,7 +141,7 @@ def make_args(**overrides: Any) -> SimpleNamespace:
 
 def htfl_model_string(arch: str, input_shape: Sequence[int]) -> str:
     """HtFLlib's model expression for a fedforge architecture (models.py evaluates it with ``args`` in scope)."""
-    c, h, w = input_shape
+    c, h, _ = input_shape
     if arch == "cnn":
         side = ((h - 4) // 2 - 4) // 2
         return f"FedAvgCNN(in_features={c}, num_classes=args.num_classes, dim={64 * side * side})"
