@@ -71,7 +71,7 @@ def weighted_average(dicts: Sequence[Mapping[str, torch.Tensor]], weights: Seque
         if first.is_floating_point() or first.is_complex():
             acc = torch.zeros_like(first, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
             for d, wi in zip(dicts, w):
-                acc.add_(d[k].to(acc.dtype), alpha=wi)
+                acc.add_(d[k].to(acc.dtype) * wi)  # multiply, then add (as PFLlib: its aggregates are then bit-identical)
             out[k] = acc.to(first.dtype)
         else:
             out[k] = torch.stack([d[k] for d in dicts]).amax(0)
