@@ -65,10 +65,17 @@ class RunConfig:
     workers: int = opt(0, "workers for the process/ray executors (0: one per core)", ge=0)
     threads: int = opt(0, "torch threads per worker (0: automatic)", ge=0)
     ray_address: str | None = opt(None, "Ray cluster for the ray executor (default: $RAY_ADDRESS, else a local cluster)")
-    state_store: str = opt("memory", "where client states live: memory, or disk (one checksummed file per client)", choices=("memory", "disk"))
+    devices: list = opt([], "GPUs of the process/ray workers, e.g. cuda:0,cuda:1 (default: with --device cuda, worker i "
+                            "uses GPU i mod the number visible); the server stays on --device")
+    state_store: str = opt("auto", "where client states live: memory, disk (one checksummed file per client), or auto "
+                                   "(memory until the clients' states are projected to pass 1 GB, then disk)",
+                           choices=("memory", "disk", "auto"))
     state_dir: str | None = opt(None, "folder of the disk state store (default: <run dir>/client_states, or a temporary folder)")
     precision: str = opt("fp32", "fp32 or bf16 (autocast)", choices=("fp32", "bf16"))
     device: str = opt("cpu", "cpu or cuda[:N]")
+    deterministic: bool = opt(False, "deterministic GPU kernels (torch.use_deterministic_algorithms, "
+                                     "CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic): exact resume on a GPU, "
+                                     "at some speed (docs/reliability.md)")
     out: str | None = opt(None, "run directory (default: runs/<dataset>_<algorithm>_<time>)")
     tracker: list = opt([], "experiment tracker: tensorboard, wandb or mlflow (repeatable)")
     params: dict = opt({}, "algorithm hyper-parameters (YAML mapping; --set key=value)", flag=False)
@@ -89,6 +96,9 @@ class RunConfig:
         validate_fields(self)
         if not (self.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", self.device)):
             raise ConfigError(f"device must be 'cpu' or 'cuda[:N]', got '{self.device}'.")
+        for d in self.devices:
+            if not (d == "cpu" or re.fullmatch(r"cuda:\d+", str(d))):
+                raise ConfigError(f"devices lists the workers' devices as cpu or cuda:N (e.g. cuda:0,cuda:1), got '{d}'.")
         if not isinstance(self.params, dict):
             raise ConfigError("params must be a mapping of algorithm hyper-parameters (key: value).")
         if self.model_assignment is not None:
@@ -103,8 +113,10 @@ class RunConfig:
         d = self.to_dict()
         for k in ("out", "data_root", "download", "workers", "threads", "checkpoint_every", "max_fail_fraction", "on_nan"):
             d.pop(k, None)
-        for k in ("ray_address", "state_store", "state_dir", "tracker"):  # where work runs and results go, not results
+        for k in ("ray_address", "devices", "state_store", "state_dir", "tracker"):  # where work runs and results go, not results
             d.pop(k, None)
+        if d.get("deterministic") is False:  # runs made before --deterministic resume as they were
+            d.pop("deterministic")
         return d
 
     @property

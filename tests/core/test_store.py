@@ -1,11 +1,13 @@
-"""State stores: round trips, integrity checks on disk, and a run whose client states live on disk."""
+"""State stores: round trips, integrity checks on disk, runs whose client states live on disk, and the auto store
+(the default: memory until the projected client states pass AUTO_DISK_BYTES, then disk)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 import fedforge
-from fedforge.core.store import DiskStore, MemoryStore, open_store, state_digest
+from fedforge.core import store as store_module
+from fedforge.core.store import AutoStore, DiskStore, MemoryStore, open_store, state_bytes, state_digest
 from fedforge.errors import ConfigError, DataError, UnknownNameError
 
 
@@ -26,7 +28,7 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("kind", ["memory", "disk"])
+@pytest.mark.parametrize("kind", ["memory", "disk", "auto"])
 def test_round_trip(kind, tmp_path):
     store = open_store(kind, tmp_path / "s" if kind == "disk" else None)
     st = sample_state()
@@ -143,26 +145,63 @@ def test_unwritable_folder_and_unknown_kind(tmp_path):
     blocker.write_text("x")
     with pytest.raises(ConfigError, match="cannot create the state folder"):
         DiskStore(blocker / "sub")
-    with pytest.raises(UnknownNameError, match="memory or disk"):
+    with pytest.raises(UnknownNameError, match="memory, disk or auto"):
         open_store("dsk")
     assert isinstance(open_store("memory"), MemoryStore)
 
 
 def test_config_rejects_an_unknown_store():
-    with pytest.raises(ConfigError, match="state_store must be one of memory, disk"):
+    with pytest.raises(ConfigError, match="state_store must be one of memory, disk, auto"):
         fedforge.build_config(overrides={"state_store": "cloud"})
 
 
-def test_run_with_disk_state_matches_memory(tmp_path):
-    """`local` keeps a full model per client: the disk store must give the very same run as the memory store."""
+def test_run_with_disk_state_matches_memory(tmp_path, monkeypatch):
+    """`local` keeps a full model per client: the disk store, and the auto store on either side of its limit, must
+    give the very same run as the memory store."""
     common = dict(algorithm="local", dataset="digits", clients=6, rounds=2, join_ratio=0.5, model="mlp", seed=3)
-    mem = fedforge.run(run_dir=False, **common)
+    mem = fedforge.run(run_dir=False, state_store="memory", **common)
     disk = fedforge.run(run_dir=tmp_path / "run", state_store="disk", **common)
     assert [r["personalized_acc"] for r in mem.records] == [r["personalized_acc"] for r in disk.records]
     files = sorted((tmp_path / "run" / "client_states").glob("client-*.safetensors"))
     assert len(files) == len(mem.store.cids()) > 0
     for cid, state in mem.store.items():
         assert same(state, disk.store.get(cid))
+    auto_mem = fedforge.run(run_dir=False, **common)  # the default: auto, far below its limit
+    one = state_bytes(mem.store.get(mem.store.cids()[0]))
+    monkeypatch.setattr(store_module, "AUTO_DISK_BYTES", 6 * one - 1)  # 6 clients' states pass it: disk
+    auto_disk = fedforge.run(run_dir=tmp_path / "auto", **common)
+    assert isinstance(auto_mem.store, AutoStore) and auto_mem.store.kind == "memory"
+    assert auto_disk.store.kind == "disk"
+    assert len(list((tmp_path / "auto" / "client_states").glob("client-*.safetensors"))) == len(mem.store.cids())
+    for res in (auto_mem, auto_disk):
+        assert [r["personalized_acc"] for r in res.records] == [r["personalized_acc"] for r in mem.records]
+        assert res.store.cids() == mem.store.cids()
+        for cid, state in mem.store.items():
+            assert same(state, res.store.get(cid))
+    assert fedforge.build_config().state_store == "auto"
+    assert "state_store" not in fedforge.build_config(overrides={"state_store": "disk"}).identity()
+
+
+def test_auto_store_moves_every_state_to_disk_once_the_projection_passes_its_limit(tmp_path):
+    state = sample_state()
+    n = state_bytes(state)
+    assert n == sum(t.numel() * t.element_size() for t in state.values())
+    # 10 clients: the projection is 10 × the mean stored size, so one state of n bytes projects 10 n
+    below = open_store("auto", tmp_path / "below", num_clients=10, limit=10 * n)
+    for cid in range(10):
+        below.put(cid, state)
+    assert below.kind == "memory" and not (tmp_path / "below").exists()
+    store = open_store("auto", tmp_path / "s", num_clients=10, limit=10 * n)
+    store.put(3, state)
+    assert store.kind == "memory"
+    store.put(5, {**state, "extra": torch.ones(4)})  # the mean grows past n: 10 × mean > 10 n
+    assert store.kind == "disk"
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["client-0000003.safetensors", "client-0000005.safetensors"]
+    store.put(7, state)  # later states go to disk too
+    assert store.cids() == [3, 5, 7] and same(store.get(3), state) and same(store.get(7), state)
+    assert list(store.get(5)) == [*state, "extra"]
+    assert store.disk_bytes() > 3 * n
+    store.close()
 
 
 def test_run_with_explicit_state_dir(tmp_path):
@@ -172,7 +211,7 @@ def test_run_with_explicit_state_dir(tmp_path):
     assert res.store.cids() == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("kind", ["memory", "disk"])
+@pytest.mark.parametrize("kind", ["memory", "disk", "auto"])
 def test_state_keeps_its_key_order(kind, tmp_path):
     store = open_store(kind, tmp_path / "s" if kind == "disk" else None)
     names = ["z/weight", "a/bias", "m", "b.0.weight", "a/weight"]  # not sorted: safetensors itself sorts by name

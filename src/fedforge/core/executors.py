@@ -13,9 +13,10 @@ import contextlib
 import logging
 import os
 import pickle
+import re
 import traceback
 from abc import ABC
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import ConfigError, FedforgeError
 from ..registry import Registry
@@ -64,6 +65,118 @@ def torch_threads(n: int) -> Iterator[None]:
     finally:
         if n != old:
             torch.set_num_threads(old)
+
+
+# --------------------------------------------------------------------------------------- devices
+def worker_devices(device: str, n_workers: int, visible: int, devices: Sequence[str] = ()) -> list[str]:
+    """The device of each of a pool's ``n_workers`` workers: a pure function of its inputs.
+
+    * ``devices`` given (``--devices cuda:0,cuda:2``): worker i gets ``devices[i mod len(devices)]``;
+    * ``device`` is ``cuda`` with no index: worker i gets ``cuda:(i mod visible)``, so a pool spreads over every
+      GPU this process sees;
+    * otherwise (``cpu``, or one GPU named as ``cuda:N``): every worker gets ``device``.
+
+    ``visible`` is the number of CUDA devices the process that will run the workers sees. A GPU that is not
+    visible there is refused with a ConfigError. The server stays on the run's device whatever the placement, and
+    results do not depend on it (every task seeds its own streams).
+    """
+    if n_workers < 1:
+        raise ConfigError(f"a pool needs at least one worker, got {n_workers}.")
+    wanted = [d.strip() for d in devices if str(d).strip()]
+    for d in wanted or [device]:
+        m = re.fullmatch(r"cuda(?::(\d+))?", d)
+        if d != "cpu" and m is None:
+            raise ConfigError(f"worker device '{d}' is neither 'cpu' nor 'cuda[:N]'; list GPUs as cuda:0,cuda:1.")
+        if m is not None and visible < 1:
+            raise ConfigError(f"worker device '{d}' asks for a GPU, but no CUDA device is visible to the workers; "
+                              f"use --device cpu (or make the GPUs visible: CUDA_VISIBLE_DEVICES).")
+        if m is not None and m.group(1) is not None and int(m.group(1)) >= visible:
+            raise ConfigError(f"worker device '{d}' names GPU {m.group(1)}, but the workers see {visible} "
+                              f"(cuda:0 to cuda:{visible - 1}); fix --devices.")
+    if wanted:
+        return [wanted[i % len(wanted)] for i in range(n_workers)]
+    if device == "cuda":
+        return [f"cuda:{i % visible}" for i in range(n_workers)]
+    return [device] * n_workers
+
+
+def visible_cuda_devices() -> int:
+    """CUDA devices this process sees (0 without CUDA). Asked only for GPU runs, whose pools never fork."""
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def use_device(device: str | None) -> None:
+    """Make a worker process's own GPU its current CUDA device (so that an unindexed ``cuda`` tensor lands there)."""
+    if device and device.startswith("cuda:"):
+        import torch
+
+        torch.cuda.set_device(int(device.split(":", 1)[1]))
+
+
+def pool_devices(spec: WorkerSpec, n_workers: int, devices: Sequence[str] = ()) -> list[str]:
+    """The placement of a pool of ``n_workers`` on this machine (:func:`worker_devices` with its visible GPUs)."""
+    device = str(spec.device or spec.algorithm.ctx.device)
+    gpu = device.startswith("cuda") or any(str(d).startswith("cuda") for d in devices)
+    return worker_devices(device, n_workers, visible_cuda_devices() if gpu else 0, devices)
+
+
+CUBLAS_WORKSPACE = ":4096:8"  # what cuBLAS needs for reproducible results (CUDA >= 10.2)
+
+
+def set_deterministic(on: bool) -> dict[str, Any]:
+    """Switch deterministic kernels on (``--deterministic``) or off for this process; returns the previous settings
+    for :func:`restore_deterministic`.
+
+    On: ``torch.use_deterministic_algorithms(True, warn_only=True)`` (an operation without a deterministic kernel
+    warns, naming itself, instead of stopping the run), ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` unless already set
+    (cuBLAS reads it when CUDA first uses it in the process, so this runs before the run or a worker touches the GPU),
+    cuDNN deterministic with its autotuner (``benchmark``) off. Harmless on a CPU.
+    """
+    import torch
+
+    prev = {"algorithms": torch.are_deterministic_algorithms_enabled(),
+            "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
+            "cudnn_deterministic": torch.backends.cudnn.deterministic, "cudnn_benchmark": torch.backends.cudnn.benchmark,
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+    if not on:
+        return prev
+    if prev["cublas"] is None:
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            log.warning("--deterministic: CUDA was already in use in this process before CUBLAS_WORKSPACE_CONFIG could "
+                        "be set, so cuBLAS may not be deterministic here; set CUBLAS_WORKSPACE_CONFIG=%s in the "
+                        "environment before starting Python", CUBLAS_WORKSPACE)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    return prev
+
+
+def restore_deterministic(prev: dict[str, Any]) -> None:
+    import torch
+
+    torch.use_deterministic_algorithms(prev["algorithms"], warn_only=prev["warn_only"])
+    torch.backends.cudnn.deterministic = prev["cudnn_deterministic"]
+    torch.backends.cudnn.benchmark = prev["cudnn_benchmark"]
+    if prev["cublas"] is None:
+        os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+    else:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = prev["cublas"]
+
+
+@contextlib.contextmanager
+def deterministic(on: bool) -> Iterator[None]:
+    """Deterministic kernels for the body when ``on`` (see :func:`set_deterministic`), then the previous settings."""
+    if not on:
+        yield
+        return
+    prev = set_deterministic(True)
+    try:
+        yield
+    finally:
+        restore_deterministic(prev)
 
 
 class Schedule:
@@ -301,13 +414,15 @@ def raise_remote(exc: BaseException | None, tb: str, where: str) -> None:
 
 
 def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerSpec | None = None,
-                    inherited: tuple = ()) -> None:
+                    inherited: tuple = (), device: str | None = None) -> None:
     """Body of one worker process: build the Worker once, then run tasks until told to stop.
 
     ``spec`` is given as it is to a forked worker (which sees the parent's memory); other start methods get the
     pickled spec without its arrays (``light``) and the arrays in shared memory (``x``, ``y``). A forked worker
     closes its copies of the parent's ends of the pipes (``inherited``): otherwise its own pipe would never report
-    the parent's death, and an orphaned worker would wait forever.
+    the parent's death, and an orphaned worker would wait forever. ``device``: this worker's place in the pool
+    (:func:`worker_devices`). Deterministic kernels (``spec.deterministic``) are switched on before the worker
+    first touches a GPU.
     """
     import signal
 
@@ -321,7 +436,14 @@ def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerS
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     worker_threads(threads)
     try:
-        worker = Worker(spec if spec is not None else rebuild_spec(pickle.loads(light), x, y))
+        import dataclasses
+
+        spec = spec if spec is not None else rebuild_spec(pickle.loads(light), x, y)
+        if device is not None:
+            spec = dataclasses.replace(spec, device=device)
+        set_deterministic(spec.deterministic)
+        use_device(spec.device)
+        worker = Worker(spec)
     except BaseException as e:  # report start-up failures instead of dying silently
         conn.send_bytes(pickle.dumps(("error", -1, *describe_error(e))))
         return
@@ -358,13 +480,18 @@ class ProcessExecutor(Executor):
     own torch thread count before any work, as PyTorch's DataLoader workers do. GPU runs (CUDA cannot be forked)
     and platforms without fork start workers through a fork server that imported torch once, and send them the
     dataset once through shared memory.
+
+    Devices: on a GPU run with ``--device cuda`` worker i uses ``cuda:(i mod G)`` of the G GPUs it sees, or the
+    ``devices`` list round-robin (:func:`worker_devices`); the server stays on the run's device.
     """
 
     name = "process"
 
-    def __init__(self, workers: int = 0, threads: int = 0, start_method: str | None = None, **options: Any):
+    def __init__(self, workers: int = 0, threads: int = 0, start_method: str | None = None,
+                 devices: Sequence[str] = (), **options: Any):
         super().__init__(workers, threads, **options)
         self.start_method = start_method
+        self.devices = list(devices or ())
         self._procs: list = []
         self._conns: list = []
 
@@ -376,7 +503,8 @@ class ProcessExecutor(Executor):
         self.spec = spec
         n = self.workers or usable_cores()
         methods = mp.get_all_start_methods()
-        gpu = str(spec.algorithm.ctx.device).startswith("cuda")
+        devices = pool_devices(spec, n, self.devices)
+        gpu = any(d.startswith("cuda") for d in devices) or str(spec.algorithm.ctx.device).startswith("cuda")
         method = self.start_method or ("fork" if "fork" in methods and not gpu else
                                        "forkserver" if "forkserver" in methods else "spawn")
         if method not in methods:
@@ -399,6 +527,7 @@ class ProcessExecutor(Executor):
             for i in range(n):
                 parent, child = ctx.Pipe(duplex=True)
                 kwargs = {"inherited": (*self._conns, parent)} if method == "fork" else {}
+                kwargs["device"] = devices[i]
                 p = ctx.Process(target=_process_worker, args=(child, *args), kwargs=kwargs, daemon=True,
                                 name=f"fedforge-worker-{i}")
                 p.start()
@@ -413,6 +542,9 @@ class ProcessExecutor(Executor):
             self.close()
             raise
         log.debug("process executor: %d workers (%s), %d torch thread(s) each", n, method, threads)
+        if gpu:
+            log.info("process executor: %d workers on %s", n, ", ".join(
+                f"{d}×{devices.count(d)}" for d in dict.fromkeys(devices)))
 
     def _recv(self, i: int, doing: str):
         try:
@@ -473,8 +605,10 @@ class ProcessExecutor(Executor):
 def make_executor(cfg: Any) -> Executor:
     """The executor a run config asks for (``executor``, ``workers``, ``threads`` and, for Ray, ``ray_address``)."""
     cls = EXECUTORS.get(cfg.executor)
-    options = {}
+    options: dict[str, Any] = {}
     if getattr(cfg, "ray_address", None):
         options["address"] = cfg.ray_address
+    if getattr(cfg, "devices", None) and cls.name in ("process", "ray"):
+        options["devices"] = list(cfg.devices)
     return cls(workers=cfg.workers, threads=cfg.threads, **options)
 

@@ -42,6 +42,8 @@ class WorkerSpec:
     algorithm: Algorithm
     augment: bool = False
     threads: int = 0
+    device: str | None = None  # this worker's device for client hooks (a pool's placement); None: the run's device
+    deterministic: bool = False  # deterministic kernels (--deterministic), set up by the process the worker runs in
 
 
 def task_seed(seed: int, rnd: int, cid: int, kind: str) -> int:
@@ -55,7 +57,7 @@ class Worker:
         self.spec = spec
         self.algo = spec.algorithm
         self.ctx: Context = spec.algorithm.ctx
-        self.device = torch.device(self.ctx.device)
+        self.device = torch.device(spec.device or self.ctx.device)
         self.fed = Federation(spec.dataset, spec.partition, self.device, spec.augment)
         self._models: dict[tuple[str, str], FedModel] = {}
         self._inits: dict[str, State] = {}

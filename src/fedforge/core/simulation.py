@@ -31,7 +31,7 @@ from .algorithm import ALGORITHMS, Algorithm
 from .checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, CheckpointWriter, load_checkpoint, restore_rng
 from .context import Context
 from .engine import FailureStop, Progress, RoundEngine, Schedule, StopRequested, select_clients
-from .executors import Executor, make_executor
+from .executors import Executor, deterministic, make_executor
 from .faults import (AlreadyComplete, ClientFailure, FaultPlan, RunInterrupted, RunStopped, StopSignals,
                      TooManyFailures, signal_name)
 from .injection import FaultInjector
@@ -226,7 +226,8 @@ class Simulation:
         if self._lock is None and self.run_dir is not None:
             self._lock = _RunLock(self.run_dir.path)
         try:
-            return self._run()
+            with deterministic(self.cfg.deterministic):  # --deterministic: before the executor or the engine use a GPU
+                return self._run()
         finally:
             if self._lock is not None:
                 self._lock.release()
@@ -245,7 +246,8 @@ class Simulation:
         prog: Progress | None = None
         try:
             with StopSignals(self._on_signal):
-                executor.start(WorkerSpec(self.ds, self.partition, self.algo, cfg.augment, cfg.threads))
+                executor.start(WorkerSpec(self.ds, self.partition, self.algo, cfg.augment, cfg.threads,
+                                          deterministic=cfg.deterministic))
                 prog = self._start(engine)
                 self._track("start", _jsonable(cfg.to_dict()), rd.path if rd else None, self.resuming)
                 self._bar = self._progress_bar(prog.round)
@@ -347,7 +349,8 @@ class Simulation:
     def _start(self, engine: RoundEngine) -> Progress:
         server = engine.start()
         rd = self.run_dir.path if self.run_dir is not None else None
-        store = open_store(self.cfg.state_store, self.cfg.state_dir, rd, fresh=not self.resuming, clear=self.resuming)
+        store = open_store(self.cfg.state_store, self.cfg.state_dir, rd, fresh=not self.resuming, clear=self.resuming,
+                           num_clients=self.ctx.num_clients)
         ck = self.checkpoint
         if ck is None:
             return Progress(0, server, store)

@@ -6,6 +6,11 @@ The worker spec (pooled dataset, partition, algorithm) is put into Ray's object 
 CPU, ``threads`` torch threads each, default 1) builds its Worker from it, reading the dataset's arrays in place
 from shared memory. Tasks go to whichever actor is free, longest first, and results come back in task order, so a
 given seed gives the same numbers as the sequential and process executors, bit for bit.
+
+GPUs: with ``--device cuda`` actor i places itself on ``cuda:(i mod G)`` of the G GPUs its node shows it, or on the
+``devices`` list round-robin (the same rule as the process pool, :func:`fedforge.core.executors.worker_devices`).
+The actors ask Ray for no GPU resource, and recent Ray versions then leave every GPU of the node visible to them
+(ray-project/ray#54868; older versions hide GPUs from such actors, and an actor then says that it sees no GPU).
 """
 from __future__ import annotations
 
@@ -13,8 +18,9 @@ import logging
 import os
 from typing import Any, Iterable, Iterator
 
-from ..core.executors import (EXECUTORS, Executor, Schedule, describe_error, dispatch, raise_remote, release_memory,
-                              task_threads, usable_cores, worker_threads)
+from ..core.executors import (EXECUTORS, Executor, Schedule, describe_error, dispatch, pool_devices, raise_remote,
+                              release_memory, set_deterministic, task_threads, usable_cores, use_device,
+                              worker_threads)
 from ..core.runtime import Task, WorkerSpec
 from ..errors import ConfigError
 
@@ -34,12 +40,17 @@ def import_ray():
 class _RayWorker:
     """Actor body: one Worker built once from the spec in the object store."""
 
-    def __init__(self, spec: WorkerSpec, threads: int):
+    def __init__(self, spec: WorkerSpec, threads: int, index: int = 0, n_workers: int = 1, devices: tuple = ()):
+        import dataclasses
         import warnings
 
         from ..core.runtime import Worker
 
         worker_threads(threads)
+        device = pool_devices(spec, n_workers, devices)[index]  # placed with the GPUs this actor's node shows it
+        spec = dataclasses.replace(spec, device=device)
+        set_deterministic(spec.deterministic)
+        use_device(device)
         with warnings.catch_warnings():  # the object store hands out read-only arrays; they are only read
             warnings.filterwarnings("ignore", message=".*not writable.*")
             self.worker = Worker(spec)
@@ -67,9 +78,11 @@ class RayExecutor(Executor):
 
     name = "ray"
 
-    def __init__(self, workers: int = 0, threads: int = 0, address: str | None = None, **options: Any):
+    def __init__(self, workers: int = 0, threads: int = 0, address: str | None = None, devices: tuple | list = (),
+                 **options: Any):
         super().__init__(workers, threads, **options)
         self.address = address
+        self.devices = tuple(devices or ())
         self._started = False
         self.actors: list = []
 
@@ -89,7 +102,7 @@ class RayExecutor(Executor):
         ref = ray.put(spec)
         threads = task_threads(self.threads)
         try:
-            self.actors = [actor.remote(ref, threads) for _ in range(n)]
+            self.actors = [actor.remote(ref, threads, i, n, self.devices) for i in range(n)]
             ray.get([a.ready.remote() for a in self.actors])
         except Exception as e:
             self.close()
