@@ -262,7 +262,7 @@ class DrawTape:
         self.draws: dict[str, list[torch.Tensor]] = defaultdict(list)
 
     @contextmanager
-    def recording(self) -> Iterator["DrawTape"]:
+    def recording(self) -> Iterator[DrawTape]:
         originals = {f: getattr(torch, f) for f in self.FUNCS}
 
         def wrap(name, fn):

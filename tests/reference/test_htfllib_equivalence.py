@@ -42,9 +42,22 @@ from fedforge.data.partition import Partition
 from fedforge.generative.stylegan import StyleGANGenerator
 from fedforge.models import create_model
 from tests.conftest import require_data, shared_data_root
-from tests.reference.htfllib_shim import (DrawTape, Session, TinyStyleGAN, feeder, htfl_model_string,
-                                          htfllib_module, import_isolated, load_pairs, make_args, mapped, pair_entries, patched,
-                                          require_htfllib, tape_loader_factory)
+from tests.reference.htfllib_shim import (
+    DrawTape,
+    Session,
+    TinyStyleGAN,
+    feeder,
+    htfl_model_string,
+    htfllib_module,
+    import_isolated,
+    load_pairs,
+    make_args,
+    mapped,
+    pair_entries,
+    patched,
+    require_htfllib,
+    tape_loader_factory,
+)
 
 # float32 on both sides, different memory formats (fedforge trains channels-last) and summation orders: 1e-5
 # relative. Round-off in a sum scales with the magnitudes summed, i.e. with the tensor's scale, not with each entry
