@@ -20,7 +20,8 @@ class Command:
     help: str
 
 
-COMMANDS: Registry[Command] = Registry("command", populate=("fedforge.generative.cli", "fedforge.synth.cli"))
+COMMANDS: Registry[Command] = Registry("command", populate=("fedforge.generative.cli", "fedforge.synth.cli",
+                                                         "fedforge.integrations.flower_deploy"))
 
 
 def register_command(name: str, help: str) -> Callable:

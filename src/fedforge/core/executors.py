@@ -26,7 +26,8 @@ log = logging.getLogger("fedforge")
 
 EXECUTORS: Registry[type["Executor"]] = Registry("executor", "choose sequential, process, ray or vectorized",
                                                   populate=("fedforge.core.vectorized",
-                                                            "fedforge.integrations.ray"))
+                                                            "fedforge.integrations.ray",
+                                                            "fedforge.integrations.flower"))
 
 
 def usable_cores() -> int:
