@@ -193,6 +193,11 @@ def export_split(sc: Scenario, out: Path) -> Path:
     return target
 
 
+def split_clients(data_dir: Path) -> int:
+    """How many clients a split in PFLlib's layout has (its config.json; PFLlib's -nc must say the same)."""
+    return int(json.loads((Path(data_dir) / "config.json").read_text())["num_clients"])
+
+
 # ------------------------------------------------------------------------------------------ PFLlib's side
 CVXPY_STANDIN = '''"""Stand-in for cvxpy, written by fedforge's benchmarks/reference_runs.py: PFLlib's main.py imports FedPAC's
 server, which imports cvxpy; FedPAC is not run by the matched runs, so nothing here is ever used."""
@@ -676,6 +681,7 @@ def plot_curves(sc: Scenario, rows: list[Row], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+    from matplotlib.ticker import MaxNLocator
 
     n = len(shown)
     cols = min(4, n)
@@ -700,6 +706,7 @@ def plot_curves(sc: Scenario, rows: list[Row], path: Path) -> bool:
             if fts:
                 ax.plot([xs[-1]], [statistics.fmean(fts)], "+", color="tab:blue", ms=9, label="fedforge fine-tuned")
         ax.set_title(f"{r.algo} ({'global' if e.view == 'global' else 'personalized'})", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("aggregations", fontsize=8)
         ax.set_ylabel("test accuracy (%)", fontsize=8)
         ax.tick_params(labelsize=7)
@@ -748,6 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default=str(REPO / "bench-runs" / "reference"), help="scratch folder (default: %(default)s)")
     p.add_argument("--table", help="Markdown file to write (default: the scenario's docs/benchmarks page)")
     p.add_argument("--device", default="cpu", help="cpu or cuda, for both codes (default: cpu)")
+    p.add_argument("--data", help="a folder in PFLlib's layout to use instead of the scenario's split (quick checks; "
+                                  "needs --table and its own --out-dir)")
     p.add_argument("--export-only", action="store_true", help="only make the split (cifar100's export)")
     p.add_argument("--no-run", action="store_true", help="only rebuild the table and the plot")
     a = p.parse_args(argv)
@@ -759,22 +768,31 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--algorithms: {', '.join(unknown)} not in scenario {sc.name} ({', '.join(sc.algorithms)})")
     seeds = [int(s) for s in _list(a.seeds)] if a.seeds else sc.seeds
     rounds = a.rounds if a.rounds is not None else sc.rounds
-    if rounds != sc.rounds:  # a quick configuration: its table lists what it runs
-        sc = dataclasses.replace(sc, algorithms=algos)
-    if a.rounds is not None and a.rounds != sc.rounds and not a.table:
-        p.error("--rounds other than the scenario's needs --table (and better another --out-dir) so that the "
+    quick = rounds != sc.rounds or a.data is not None
+    if quick and not a.table:
+        p.error("--rounds other than the scenario's, or --data, needs --table (and its own --out-dir) so that the "
                 "committed page is not overwritten")
+    if quick:  # a quick configuration: its table lists what it runs
+        sc = dataclasses.replace(sc, algorithms=algos)
+    if a.data is not None:
+        sc = dataclasses.replace(sc, data_dir=Path(a.data).resolve(), export=None, title=f"Matched runs (quick check): "
+                                 f"PFLlib and fedforge on {a.data}", description=f"the split in `{a.data}`")
     command = shlex.join(["python", "benchmarks/reference_runs.py", *argv])
     table = Path(a.table) if a.table else sc.table
     report = lambda: write_report(sc, out, rounds, seeds, command, table)  # noqa: E731
     if a.no_run:
-        report()
+        made = sc.data_dir or out / sc.name / "export"
+        if (Path(made) / "config.json").is_file():
+            sc = dataclasses.replace(sc, num_clients=split_clients(made))
+        write_report(sc, out, rounds, seeds, command, table)
         return 0
     from fedforge.core.faults import RunInterrupted
 
     data_dir = export_split(sc, out)
     if a.export_only:
         return 0
+    sc = dataclasses.replace(sc, num_clients=split_clients(data_dir))
+    report = lambda: write_report(sc, out, rounds, seeds, command, table)  # noqa: E731
     try:
         if a.only in (None, "pfllib"):
             for x in algos:
