@@ -337,7 +337,7 @@ def run_pfllib(sc: Scenario, e: Entry, out: Path, data_dir: Path, rounds: int, d
     print(f"pfllib {e.name}: running (cd {system} && {shlex.join(cmd)}) > {log}", file=sys.stderr)
     t0 = time.time()
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=system, stdout=f, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, cwd=system, stdout=f, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
         try:
             rc = proc.wait()
         except BaseException:
@@ -364,6 +364,17 @@ def run_pfllib(sc: Scenario, e: Entry, out: Path, data_dir: Path, rounds: int, d
         tail = log.read_text(errors="replace").splitlines()[-5:]
         print("\n".join(tail), file=sys.stderr)
     return res
+
+
+def _die_with_parent() -> None:
+    """In PFLlib's process, before exec: ask Linux to end it when this script dies (SIGKILL included), so that a
+    killed script never leaves a PFLlib run writing into the log of the run that replaces it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def pfllib_status(out: Path, sc: Scenario, e: Entry, rounds: int) -> tuple[str, dict | None]:
