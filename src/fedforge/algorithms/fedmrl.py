@@ -77,10 +77,11 @@ class FedMRL(Algorithm):
     def _build_small(self) -> FedModel:
         return create_model(self.small_arch, self.ctx.input_shape, self.ctx.num_classes,
                             seed=derive_seed(self.ctx.seed, "init", self.small_arch, "fedmrl"),
-                            feature_dim=self.hp.small_dim)
+                            feature_dim=self.hp.small_dim, vocab_size=self.ctx.vocab_size)
 
     def _small(self, rt: "ClientRuntime") -> FedModel:
-        key = (self.small_arch, tuple(self.ctx.input_shape), self.ctx.num_classes, self.hp.small_dim, str(rt.device))
+        key = (self.small_arch, tuple(self.ctx.input_shape), self.ctx.vocab_size, self.ctx.num_classes, self.hp.small_dim,
+               str(rt.device))
         if key not in _SMALL:
             _SMALL[key] = self._build_small().to(rt.device)
         return _SMALL[key]

@@ -316,18 +316,19 @@ def sq_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], ke
 # --------------------------------------------------------------------------- heterogeneous models
 def architecture_facts(ctx) -> dict[str, dict]:
     """Per architecture of the federation: its ``feature_dim`` and its head's entry shapes (built once per process)."""
-    return {a: _arch_facts(a, tuple(ctx.input_shape), int(ctx.num_classes)) for a in ctx.arch_set}
+    vocab = getattr(ctx, "vocab_size", None)
+    return {a: _arch_facts(a, tuple(ctx.input_shape), int(ctx.num_classes), vocab) for a in ctx.arch_set}
 
 
 _FACTS: dict[tuple, dict] = {}
 
 
-def _arch_facts(arch: str, input_shape: tuple, num_classes: int) -> dict:
-    key = (arch, input_shape, num_classes)
+def _arch_facts(arch: str, input_shape: tuple, num_classes: int, vocab_size: int | None = None) -> dict:
+    key = (arch, input_shape, num_classes, vocab_size)
     if key not in _FACTS:
         from ..models import create_model
 
-        m = create_model(arch, input_shape, num_classes, seed=0)
+        m = create_model(arch, input_shape, num_classes, seed=0, vocab_size=vocab_size)
         _FACTS[key] = {"feature_dim": m.feature_dim,
                        "head": tuple((k, tuple(v.shape)) for k, v in m.head.state_dict().items())}
     return _FACTS[key]

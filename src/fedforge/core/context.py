@@ -24,7 +24,7 @@ def derive_seed(*parts: int | str) -> int:
 class Context:
     num_clients: int
     num_classes: int
-    input_shape: tuple[int, int, int]
+    input_shape: tuple[int, ...]  # (C, H, W) images, (C, L) series, (L,) tokens, (D,) vectors
     archs: tuple[str, ...]  # one registered model name per client
     seed: int
     rounds: int
@@ -42,6 +42,7 @@ class Context:
     lr_decay: float = 1.0  # the local learning rate of round r is lr · lr_decay^(r−1)
     generator: str | None = None  # generator spec of generator-assisted algorithms (None: their default)
     trust_generator_pickle: bool = False
+    vocab_size: int | None = None  # token data: the number of token ids (reaches create_model); None otherwise
 
     def arch(self, cid: int) -> str:
         return self.archs[cid]
@@ -60,4 +61,5 @@ class Context:
 
     def build_model(self, arch: str | None = None, seed: int | None = None) -> FedModel:
         arch = arch or self.archs[0]
-        return create_model(arch, self.input_shape, self.num_classes, seed=self.init_seed(arch) if seed is None else seed)
+        return create_model(arch, self.input_shape, self.num_classes, seed=self.init_seed(arch) if seed is None else seed,
+                            vocab_size=self.vocab_size)

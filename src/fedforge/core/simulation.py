@@ -21,6 +21,7 @@ import torch
 
 from ..config import RunConfig, dump_yaml
 from ..data import Dataset, Partition, from_client_split, load_dataset, make_partition
+from ..data.federation import check_augment
 from ..data.partition import PARTITIONERS, default_min_samples, plot_heatmap
 from ..errors import ConfigError, PartitionError
 from ..models import resolve_architectures
@@ -76,7 +77,7 @@ def build_algorithm(cfg: RunConfig, ds: Dataset, part: Partition) -> Algorithm:
         train_sizes=tuple(len(a) for a in part.train), test_sizes=tuple(len(a) for a in part.test),
         device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size, optimizer=cfg.optimizer,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
-        generator=cfg.generator, trust_generator_pickle=cfg.trust_generator_pickle)
+        generator=cfg.generator, trust_generator_pickle=cfg.trust_generator_pickle, vocab_size=ds.vocab_size)
     return cls.create(cfg.params, ctx)
 
 
@@ -138,6 +139,7 @@ class Simulation:
             saved = saved_config(resume)
             self.cfg.out = str(resume)
         self.ds = dataset if dataset is not None else load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.class_subset)
+        check_augment(self.ds, self.cfg.augment)
         if resume is not None and (Path(resume) / "partition.npz").is_file():
             self.partition = Partition.load(Path(resume) / "partition.npz")
             self.partition.check(self.ds.y)

@@ -1,4 +1,4 @@
-"""Federation: one pooled uint8 tensor plus per-client index views; batches are cut and converted on the fly."""
+"""Federation: one pooled tensor plus per-client index views; batches are cut and converted on the fly."""
 from __future__ import annotations
 
 from typing import Iterator
@@ -6,32 +6,50 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from ..errors import ConfigError
 from .partition import Partition
 from .sources import Dataset
+
+
+def check_augment(dataset: Dataset, augment: bool) -> None:
+    """``--augment`` (random crops and flips) applies to images only; ConfigError naming the fix otherwise."""
+    modality = getattr(dataset, "modality", "image")
+    if augment and modality != "image":
+        raise ConfigError(f"--augment (random crop and flip) applies to images only, and {dataset.name} holds "
+                          f"{modality} data; leave --augment out.")
 
 
 class Federation:
     """Per-client train/test views over one pooled dataset (no per-client copies).
 
-    A batch is made by indexing the pooled uint8 NHWC tensor and converting only that batch to a
-    normalised float tensor in NCHW order (channels-last in memory, which convolutions on CPU prefer).
+    A batch is made by indexing the pooled tensor (on the run's device) and converting only that batch:
+    images (uint8 NHWC) become normalised float NCHW (channels-last in memory, which convolutions on CPU prefer);
+    series (float32 (N, C, L)) and vectors (float32 (N, D)) are standardised per channel/feature with the
+    dataset's ``mean``/``std``; tokens become int64 ids (N, L), unchanged.
     """
 
     def __init__(self, dataset: Dataset, partition: Partition, device: str | torch.device = "cpu", augment: bool = False):
+        check_augment(dataset, augment)
         self.dataset = dataset
         self.partition = partition
         self.device = torch.device(device)
+        self.modality = getattr(dataset, "modality", "image")
         self.x = torch.from_numpy(np.ascontiguousarray(dataset.x))  # shares memory with the numpy array
         self.y = torch.from_numpy(np.ascontiguousarray(dataset.y, dtype=np.int64))
         if self.device.type != "cpu":
             self.x, self.y = self.x.to(self.device), self.y.to(self.device)
         self.train_idx = [torch.as_tensor(a, dtype=torch.long, device=self.device) for a in partition.train]
         self.test_idx = [torch.as_tensor(a, dtype=torch.long, device=self.device) for a in partition.test]
-        c = dataset.input_shape[0]
-        std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
-        self._scale = 1.0 / (255.0 * std)
-        self._shift = -mean / std
+        if self.modality == "image":
+            c = dataset.input_shape[0]
+            std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+            mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device).view(1, c, 1, 1)
+            self._scale = 1.0 / (255.0 * std)
+            self._shift = -mean / std
+        elif self.modality in ("series", "vector"):
+            shape = (1, -1, 1) if self.modality == "series" else (1, -1)
+            self._mean = torch.tensor(dataset.mean, dtype=torch.float32, device=self.device).view(shape)
+            self._std = torch.tensor(dataset.std, dtype=torch.float32, device=self.device).view(shape)
         self.augment = augment
         self.num_classes = dataset.num_classes
         self.input_shape = dataset.input_shape
@@ -54,8 +72,13 @@ class Federation:
         return torch.bincount(self.y[idx], minlength=self.num_classes)
 
     def to_input(self, xb: torch.Tensor) -> torch.Tensor:
-        """uint8 NHWC → normalised float32 NCHW (channels-last strides)."""
-        return xb.permute(0, 3, 1, 2).float().mul_(self._scale).add_(self._shift)
+        """A batch of pooled samples → model input: images uint8 NHWC → normalised float32 NCHW (channels-last
+        strides); series/vectors → standardised float32; tokens → int64 ids."""
+        if self.modality == "image":
+            return xb.permute(0, 3, 1, 2).float().mul_(self._scale).add_(self._shift)
+        if self.modality == "tokens":
+            return xb.long()
+        return (xb.float() - self._mean) / self._std
 
     def inputs(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.to_input(self.x[idx]), self.y[idx]

@@ -6,7 +6,8 @@ from ..registry import Registry
 from .zoo import MODELS
 
 # name → list of registered model names
-GROUPS: Registry[list[str]] = Registry("model group", "see `fedforge list models`", populate="fedforge.models.hetero")
+GROUPS: Registry[list[str]] = Registry("model group", "see `fedforge list models`",
+                                     populate=("fedforge.models.hetero", "fedforge.models.sensor", "fedforge.models.text"))
 
 
 def resolve_architectures(spec: str | list[str], num_clients: int, assignment: list[int] | None = None) -> list[str]:

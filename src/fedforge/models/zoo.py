@@ -1,6 +1,13 @@
-"""Model registry: every model is a feature extractor plus a head with a known feature dimension."""
+"""Model registry: every model is a feature extractor plus a head with a known feature dimension.
+
+A model is registered with the input modalities it takes (``inputs=``; images when not said): ``image`` (C, H, W),
+``series`` (C, L), ``tokens`` (L,) with a vocabulary size, ``vector`` (D,). :func:`create_model` reads the modality
+off ``input_shape`` (three numbers: an image, two: a series, one: tokens when ``vocab_size`` is given, else a vector)
+and refuses a model that does not take it, naming those that do.
+"""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -9,8 +16,13 @@ import torch.nn as nn
 from ..errors import ConfigError
 from ..registry import Registry
 
-MODELS: Registry[Callable[..., "FedModel"]] = Registry("model", "see `fedforge list models`",
-                                                      populate="fedforge.models.hetero")
+MODELS: Registry[Callable[..., FedModel]] = Registry("model", "see `fedforge list models`",
+                                                      populate=("fedforge.models.hetero", "fedforge.models.sensor",
+                                                                "fedforge.models.text"))
+
+# what one input looks like in each modality (for messages)
+INPUT_LAYOUTS = {"image": "images (C, H, W)", "series": "series (C, L)", "tokens": "token ids (L,)",
+                 "vector": "vectors (D,)"}
 
 
 class FedModel(nn.Module):
@@ -65,12 +77,36 @@ def cnn_bn(input_shape: tuple[int, int, int], num_classes: int, feature_dim: int
     return FedModel(features, base.head, feature_dim, "cnn_bn")
 
 
-@MODELS.register("mlp", summary="2-hidden-layer perceptron (FedAvg's 2NN): 200 → 200 → head")
-def mlp(input_shape: tuple[int, int, int], num_classes: int, hidden: int = 200) -> FedModel:
-    c, h, w = input_shape
-    features = nn.Sequential(nn.Flatten(), nn.Linear(c * h * w, hidden), nn.ReLU(inplace=True),
+@MODELS.register("mlp", summary="2-hidden-layer perceptron (FedAvg's 2NN): 200 → 200 → head; flattens images and "
+                                 "series, takes vectors", inputs=("image", "series", "vector"))
+def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: int = 200) -> FedModel:
+    width = math.prod(int(v) for v in input_shape)
+    features = nn.Sequential(nn.Flatten(), nn.Linear(width, hidden), nn.ReLU(inplace=True),
                              nn.Linear(hidden, hidden), nn.ReLU(inplace=True))
     return FedModel(features, nn.Linear(hidden, num_classes), hidden, "mlp")
+
+
+def _vector_mlp(widths: tuple[int, ...]):
+    """Linear+ReLU layers ``D → widths...``; the last width is the feature dimension (HtFLlib's AmazonMLP family:
+    hidden layers, then a 100-d ReLU layer, then the head)."""
+
+    def build(input_shape: tuple[int, ...], num_classes: int) -> FedModel:
+        d = math.prod(int(v) for v in input_shape)
+        layers: list[nn.Module] = [nn.Flatten()]
+        for w in widths:
+            layers += [nn.Linear(d, w), nn.ReLU(inplace=True)]
+            d = w
+        return FedModel(nn.Sequential(*layers), nn.Linear(d, num_classes), d, "mlp-" + "-".join(map(str, widths)))
+
+    return build
+
+
+# HtFLlib's "MLPs" model family (AmazonMLP(feature_dim=[...]): hidden layers, then 100-d features); mlp-1000-500-100 is
+# PFLlib's AmazonMLP (5000 → 1000 → 500 → 100 → head on Amazon Review's bag-of-words vectors)
+for _widths, _what in (((100,), "no hidden layer"), ((500, 100), "one hidden layer of 500"),
+                       ((1000, 500, 100), "PFLlib's AmazonMLP"), ((1000, 500, 200, 100), "three hidden layers")):
+    MODELS.add("mlp-" + "-".join(map(str, _widths)), _vector_mlp(_widths), inputs=("vector", "series", "image"),
+               summary=f"perceptron D → {' → '.join(map(str, _widths))} → head ({_what}; HtFLlib's MLPs family)")
 
 
 class _Backbone(nn.Module):
@@ -123,9 +159,40 @@ def mobilenet_v2(input_shape: tuple[int, int, int], num_classes: int) -> FedMode
     return FedModel(_Backbone(net.features), nn.Linear(dim, num_classes), dim, "mobilenet_v2")
 
 
-def create_model(name: str, input_shape: tuple[int, int, int], num_classes: int, seed: int | None = None, **kwargs) -> FedModel:
-    """Build a registered model; with ``seed`` its initial weights are reproducible (global RNG untouched)."""
-    fn = MODELS.get(name)
+def input_modality(input_shape: tuple[int, ...], vocab_size: int | None = None) -> str:
+    """The modality of one model input: (C, H, W) image, (C, L) series, (L,) tokens (with a vocabulary) or (D,) vector."""
+    n = len(tuple(input_shape))
+    if vocab_size is not None:
+        if n != 1:
+            raise ConfigError(f"token inputs have the shape (L,), got {tuple(input_shape)} with a vocabulary of {vocab_size}.")
+        return "tokens"
+    if n in (1, 2, 3):
+        return ("vector", "series", "image")[n - 1]
+    raise ConfigError(f"a model input has 1 to 3 dimensions ((D,), (C, L) or (C, H, W)), got {tuple(input_shape)}.")
+
+
+def models_for(modality: str) -> list[str]:
+    """Registered models that take ``modality``."""
+    return [e.name for e in MODELS.entries() if modality in e.meta.get("inputs", ("image",))]
+
+
+def create_model(name: str, input_shape: tuple[int, ...], num_classes: int, seed: int | None = None, *,
+                 vocab_size: int | None = None, **kwargs) -> FedModel:
+    """Build a registered model; with ``seed`` its initial weights are reproducible (global RNG untouched).
+
+    ``vocab_size`` (token data only) is the number of token ids; it reaches the factories of text models.
+    """
+    entry = MODELS.entry(name)
+    fn = entry.obj
+    modality = input_modality(input_shape, vocab_size)
+    takes = entry.meta.get("inputs", ("image",))
+    if modality not in takes:
+        fits = ", ".join(models_for(modality)) or "none"
+        raise ConfigError(f"model '{name}' takes {' or '.join(INPUT_LAYOUTS[m] for m in takes)}, but the data are "
+                          f"{INPUT_LAYOUTS[modality].split(' (')[0]} of shape {tuple(input_shape)}; models for them: {fits} "
+                          f"(see `fedforge list models`).")
+    if modality == "tokens":
+        kwargs["vocab_size"] = int(vocab_size)
     if seed is None:
         model = fn(tuple(input_shape), int(num_classes), **kwargs)
     else:
