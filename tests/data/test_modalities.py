@@ -285,3 +285,16 @@ def test_model_and_augment_that_do_not_fit_the_data(tmp_path, capsys):
     line = _cli_error(_run(f"npz:{p}", "--model", "harcnn", "--augment", "--out", str(tmp_path / "run2")), capsys)
     assert not (tmp_path / "run2").exists()  # refused before a run directory is made
     assert "--augment" in line and "images only" in line
+
+
+@pytest.mark.parametrize("modality,group,algorithm", [("series", "htfe-sen-3", "fedproto"), ("tokens", "htfe-txt-2", "fedtgp")])
+def test_heterogeneous_groups_run(tmp_path, modality, group, algorithm):
+    """HtFL on sensor and text data: clients own different architectures and exchange 512-d prototypes."""
+    path = RUNS[modality][1](tmp_path / f"{modality}.npz")
+    if modality == "series":  # HtFLlib's stride-3 members need HAR-length windows
+        x, y = make_series(length=128)
+        path = write_cache(tmp_path / "long.npz", x, y)
+    res = fedforge.run(dataset=f"npz:{path}", algorithm=algorithm, model=group, clients=3, partition="iid", rounds=2,
+                       lr=0.05, batch_size=10, seed=0, run_dir=False, progress=False)
+    accs = [r["personalized_acc"] for r in res.records if r.get("personalized_acc") is not None]
+    assert len(accs) == 3 and all(math.isfinite(a) for a in accs) and accs[-1] > 1 / 3, accs
