@@ -56,6 +56,7 @@ INSTALL_HINT = "Flower deployment needs Flower: pip install 'fedforge[flower]' (
 TASKS = "fedforge.tasks"  # ConfigRecord of a wave message: the tasks it carries (JSON)
 LANES = "fedforge.lanes"  # ConfigRecord: each experiment's algorithm, hyper-parameters and Context (JSON)
 DESCRIBE = "query.describe"
+UNANSWERED = {3, 4, 5}  # Flower's ErrorCode MESSAGE_UNAVAILABLE, REPLY_MESSAGE_UNAVAILABLE, NODE_UNAVAILABLE: no answer
 
 
 def import_flwr():
@@ -495,15 +496,18 @@ class FlowerHub:
                 time.sleep(self.poll)
         for node, items in per_node.items():
             reply = replies.get(node)
+            kind = "timeout"
             if reply is None:
                 why = f"its SuperNode did not answer within --round-timeout {self.round_timeout:g} s"
+            elif reply.has_error() and reply.error.code in UNANSWERED:
+                why = f"its SuperNode went away before answering ({reply.error.reason})"
             elif reply.has_error():
-                why = f"its SuperNode answered with an error ({reply.error.reason})"
+                why, kind = f"its SuperNode answered with an error ({reply.error.reason})", "error"
             else:
                 why = None
             if why is not None:
                 for lane, j, t in items:
-                    results[lane][j] = self._missing(lane, t, why, kind="timeout" if reply is None else "error")
+                    results[lane][j] = self._missing(lane, t, why, kind=kind)
                 continue
             status = json.loads(reply.content.config_records[TASKS]["status"])
             for i, ((lane, j, t), st) in enumerate(zip(items, status)):

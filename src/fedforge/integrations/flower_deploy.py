@@ -99,6 +99,35 @@ def _pump(stream: Any, tail: deque, quiet: bool) -> None:
             sys.stderr.flush()
 
 
+def to_toml(doc: dict[str, Any], prefix: str = "") -> str:
+    """TOML of nested dicts of strings, numbers, booleans and lists of strings (what Flower's files hold)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)  # a JSON string is a TOML basic string
+        if isinstance(v, (list, tuple)):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+    def key(k: str) -> str:
+        return k if k.replace("-", "").replace("_", "").isalnum() else json.dumps(k)
+
+    lines = [f"{key(k)} = {value(v)}" for k, v in doc.items() if not isinstance(v, dict)]
+    out = "\n".join(lines) + ("\n" if lines else "")
+    for k, v in doc.items():
+        if isinstance(v, dict):
+            name = f"{prefix}.{key(k)}" if prefix else key(k)
+            body = to_toml(v, name)
+            if any(not isinstance(x, dict) for x in v.values()) or not v:
+                out += f"\n[{name}]\n"
+            out += body
+    return out
+
+
 # ------------------------------------------------------------------------------------------ client
 def client_main(args: argparse.Namespace) -> int:
     import_flwr()
@@ -123,11 +152,9 @@ def client_main(args: argparse.Namespace) -> int:
           f"samples, {s.model}; client states in {Path(state_dir).expanduser()}", file=sys.stderr)
     check_superlink(args.superlink, args.root_certificates, args.insecure)
     Path(state_dir).expanduser().mkdir(parents=True, exist_ok=True)
-    import tomli_w
-
-    conf = tempfile.NamedTemporaryFile("wb", suffix=".toml", prefix="fedforge-node-", delete=False)
+    conf = tempfile.NamedTemporaryFile("w", suffix=".toml", prefix="fedforge-node-", delete=False)
     with conf:
-        tomli_w.dump(s.node_config(), conf)
+        conf.write(to_toml(s.node_config()))
     cmd = [flower_bin("flower-supernode"), "--superlink", args.superlink, "--node-config", conf.name,
            "--port", str(args.runtime_port or free_port())]
     cmd += ["--insecure"] if args.insecure else ["--root-certificates", args.root_certificates]
@@ -182,8 +209,6 @@ def _run_forwarding(cmd: list[str], env: dict[str, str], quiet: bool) -> tuple[i
 # ------------------------------------------------------------------------------------------ server
 def write_app(folder: Path, spec: dict[str, Any]) -> Path:
     """A Flower App (a pyproject.toml alone) whose components are fedforge's apps and whose run config holds ``spec``."""
-    import tomli_w
-
     from .._version import __version__
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -194,20 +219,18 @@ def write_app(folder: Path, spec: dict[str, Any]) -> Path:
                                      "components": {"serverapp": "fedforge.integrations.flower_app:server_app",
                                                     "clientapp": "fedforge.integrations.flower_app:client_app"},
                                      "config": {"fedforge": json.dumps(spec)}}}}}
-    (folder / "pyproject.toml").write_bytes(tomli_w.dumps(doc).encode())
+    (folder / "pyproject.toml").write_text(to_toml(doc))
     return folder
 
 
 def write_connection(home: Path, address: str, root_certificates: str | None, insecure: bool) -> None:
-    import tomli_w
-
     conn: dict[str, Any] = {"address": address}
     if insecure:
         conn["insecure"] = True
     elif root_certificates:
         conn["root-certificates"] = str(Path(root_certificates).resolve())
     home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_bytes(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}).encode())
+    (home / "config.toml").write_text(to_toml({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
 
 def _flwr(args: list[str], env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess:
