@@ -575,6 +575,9 @@ def ff_cell(row: Row, vals: list[float], seeds: list[int], rounds: int) -> str:
                + (f" (round {row.ff_partial_rounds[k]}/{rounds})" if k in row.ff_partial_rounds else "")
                for k, st in row.ff_states.items() if st != "complete"]
     if m is None:
+        states = {st for st in row.ff_states.values()}
+        if len(states) == 1 and not row.ff_partial_rounds:  # e.g. every seed missing
+            return states.pop() + (f" ({len(seeds)} seeds)" if len(seeds) > 1 else "")
         return "; ".join(pending) if pending else "missing"
     text = f"{m:.2f} ± {s:.2f}" if len(vals) > 1 else f"{m:.2f}"
     if len(seeds) > 1:
