@@ -353,7 +353,7 @@ def time_fedforge(device: str, cap_s: float, **options: Any) -> dict:
         out["gpu_peak_bytes"] = int(torch.cuda.max_memory_allocated(torch.device(device)))
     if notes.lines:
         out["notes"] = list(dict.fromkeys(notes.lines))[:5]
-    del sim
+    sim = None
     _free_gpu()
     return out
 
@@ -597,7 +597,6 @@ def markdown(rows: list[Row], machine: dict) -> str:
 def run_check(device: str, s: Settings, budget: Budget, data: Path | None, pfllib: Path | None,
               rows: tuple[str, ...] = ROWS, tmp: Path | None = None) -> dict:
     """Everything the command does, as a JSON-ready dict."""
-    import fedforge.algorithms  # noqa: F401
     from fedforge.algorithms import ALGORITHMS
 
     machine = machine_info(device)

@@ -49,9 +49,7 @@ import dataclasses
 import json
 import math
 import os
-import re
 import shlex
-import shutil
 import signal
 import statistics
 import subprocess
@@ -62,6 +60,12 @@ from pathlib import Path
 from typing import Callable
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "benchmarks") not in sys.path:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+
+import _pfllib  # noqa: E402  (PFLlib's main.py as a subprocess, shared with gpu_check.py)
+from _pfllib import CVXPY_STANDIN, _importable, parse_pfllib_stdout, read_h5_acc  # noqa: E402,F401
+
 DATA = Path(os.environ.get("FEDFORGE_DATA", REPO.parent / "shared" / "data"))
 REFERENCE = Path(os.environ.get("FEDFORGE_REFERENCE_CODE", REPO.parent / "shared" / "reference-code"))
 TOLERANCE = 1.5  # points: fedforge must lie within max(TOLERANCE, 2 std of its seeds) of PFLlib
@@ -199,48 +203,16 @@ def split_clients(data_dir: Path) -> int:
 
 
 # ------------------------------------------------------------------------------------------ PFLlib's side
-CVXPY_STANDIN = '''"""Stand-in for cvxpy, written by fedforge's benchmarks/reference_runs.py: PFLlib's main.py imports FedPAC's
-server, which imports cvxpy; FedPAC is not run by the matched runs, so nothing here is ever used."""
-
-
-def __getattr__(name):
-    raise RuntimeError("cvxpy is a stand-in here (FedPAC is not run by reference_runs.py); pip install cvxpy")
-'''
-
-
+# PFLlib's work tree, its stand-in modules and the parsing of its output are shared with benchmarks/gpu_check.py:
+# they live in benchmarks/_pfllib.py (the names below keep working here).
 def pfllib_system() -> Path:
-    system = REFERENCE / "pfllib" / "system"
-    if not (system / "main.py").is_file():
-        raise FileNotFoundError(f"PFLlib's code is not at {system} (set FEDFORGE_REFERENCE_CODE)")
-    return system
-
-
-def _importable(module: str) -> bool:
-    import importlib.util
-
-    return importlib.util.find_spec(module) is not None
+    return _pfllib.pfllib_system(REFERENCE)
 
 
 def setup_worktree(work: Path, data_dir: Path, pf_name: str) -> Path:
-    """``work/{system, dataset/<pf_name>, results, standins}`` for PFLlib; returns ``work/system`` (its cwd)."""
-    missing = [m for m in ("h5py", "calmsize", "sklearn") if not _importable(m)]
-    if missing:
-        raise SystemExit(f"reference_runs: PFLlib's main.py needs {', '.join(missing)}; pip install "
-                         + " ".join("scikit-learn" if m == "sklearn" else m for m in missing))
-    src = pfllib_system()
-    work.mkdir(parents=True, exist_ok=True)
-    system = work / "system"
-    shutil.copytree(src, system, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    link = work / "dataset" / pf_name
-    link.parent.mkdir(exist_ok=True)
-    if link.is_symlink() and Path(os.readlink(link)) != Path(data_dir).resolve():
-        link.unlink()
-    if not link.is_symlink():
-        link.symlink_to(Path(data_dir).resolve(), target_is_directory=True)
-    if not _importable("cvxpy"):
-        (work / "standins" / "cvxpy").mkdir(parents=True, exist_ok=True)
-        (work / "standins" / "cvxpy" / "__init__.py").write_text(CVXPY_STANDIN)
-    return system
+    """``work/{system, dataset/<pf_name>, results, standins}`` for PFLlib; returns ``work/system`` (its cwd). PFLlib
+    needs h5py and calmsize here (its results file is read back); cvxpy gets a stand-in when missing."""
+    return _pfllib.setup_worktree(work, data_dir, pf_name, reference=REFERENCE, standins=("cvxpy",))
 
 
 def pfllib_command(sc: Scenario, e: Entry, rounds: int, device: str = "cpu") -> list[str]:
@@ -248,53 +220,6 @@ def pfllib_command(sc: Scenario, e: Entry, rounds: int, device: str = "cpu") -> 
             "-gr", str(rounds), "-nc", str(sc.num_clients), "-jr", "1.0", "-lbs", str(sc.batch_size),
             "-lr", str(sc.lr), "-ls", str(sc.local_epochs), "-eg", "1", "-dev", device, "-t", "1",
             "-go", sc.name, "-sfn", f"items/{e.pf_algo}", *e.pf_flags]
-
-
-_ROUND = re.compile(r"-+Round number: (\d+)-+")
-_EVAL = re.compile(r"^\s*-*\s*(Evaluate.*?)\s*-*\s*$")
-_VALUE = re.compile(r"^(Averaged Train Loss|Averaged Test Accuracy|Averaged Test AUC|Std Test Accuracy|Std Test AUC):"
-                    r"\s*(\S+)")
-_KEYS = {"Averaged Train Loss": "train_loss", "Averaged Test Accuracy": "acc", "Averaged Test AUC": "auc",
-         "Std Test Accuracy": "acc_std", "Std Test AUC": "auc_std"}
-
-
-def parse_pfllib_stdout(text: str) -> list[dict]:
-    """Every evaluation PFLlib printed, in order: ``{"round", "label", "acc", ...}`` (``stage: "finetune"`` for the
-    one after FedBABU's fine-tuning, which carries the last round's number)."""
-    evals: list[dict] = []
-    rnd, label, cur = None, "", None
-    for line in text.splitlines():
-        m = _ROUND.search(line)
-        if m:
-            rnd, label, cur = int(m.group(1)), "", None
-            continue
-        m = _EVAL.match(line)
-        if m and rnd is not None:
-            label, cur = m.group(1).strip(), None
-            continue
-        m = _VALUE.match(line.strip())
-        if m and rnd is not None:
-            key = _KEYS[m.group(1)]
-            if cur is None or key in cur:  # a new evaluation block starts (its first value line)
-                cur = {"round": rnd, "label": label}
-                if "fine-tuned" in label:
-                    cur["stage"] = "finetune"
-                evals.append(cur)
-            try:
-                cur[key] = float(m.group(2))
-            except ValueError:
-                cur[key] = float("nan")
-    return [e for e in evals if "acc" in e]
-
-
-def read_h5_acc(path: Path) -> list[float] | None:
-    try:
-        import h5py
-
-        with h5py.File(path, "r") as f:
-            return [float(v) for v in f["rs_test_acc"][()]]
-    except (OSError, KeyError, ImportError):
-        return None
 
 
 def select_view(evals: list[dict], e: Entry) -> list[dict]:

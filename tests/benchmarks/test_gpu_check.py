@@ -68,7 +68,6 @@ def test_whole_model_algorithm_on_a_group_is_a_reported_failure(gc):
 
 def test_missing_optional_dependency_is_a_skip(gc):
     from fedforge.algorithms.fedpac import INSTALL_HINT
-
     from fedforge.errors import ConfigError
 
     assert gc.missing_dependency(ModuleNotFoundError("No module named 'clarabel'", name="clarabel")) == "clarabel"
@@ -106,7 +105,7 @@ def test_pfllib_stand_ins_and_round_times(gc, tmp_path):
         assert hf["rs_train_loss"][()].tolist() == [2.3, 1.1]
     calmsize = types.ModuleType("calmsize_standin")
     exec(pf.CALMSIZE_STANDIN, calmsize.__dict__)
-    assert "{:.2f}".format(calmsize.size(1536)) == "1536.00"
+    assert f"{calmsize.size(1536):.2f}" == "1536.00"
 
 
 @pytest.mark.slow

@@ -12,7 +12,6 @@ import signal
 import pytest
 import torch
 
-import fedforge
 from fedforge.config import build_config
 from fedforge.core.executors import CUBLAS_WORKSPACE, Executor, ProcessExecutor, deterministic
 from fedforge.core.faults import RunInterrupted

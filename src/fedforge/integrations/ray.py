@@ -18,9 +18,21 @@ import logging
 import os
 from typing import Any, Iterable, Iterator
 
-from ..core.executors import (EXECUTORS, Executor, Schedule, describe_error, dispatch, pool_devices, raise_remote,
-                              release_memory, set_deterministic, task_threads, usable_cores, use_device,
-                              worker_threads)
+from ..core.executors import (
+    EXECUTORS,
+    Executor,
+    Schedule,
+    describe_error,
+    dispatch,
+    pool_devices,
+    raise_remote,
+    release_memory,
+    set_deterministic,
+    task_threads,
+    usable_cores,
+    use_device,
+    worker_threads,
+)
 from ..core.runtime import Task, WorkerSpec
 from ..errors import ConfigError
 
