@@ -150,10 +150,11 @@ def test_heterogeneous_models_same_numbers_as_simulation(hetero_cluster, pfllib_
 
 
 def test_a_lost_node_is_cut_off_and_logged(hetero_cluster, pfllib_digits, tmp_path):
-    """A SuperNode killed mid-round: the round completes with the other two after --round-timeout, and the lost
-    client is logged in failures.jsonl (kind timeout); its evaluation is left out of the record."""
+    """A SuperNode killed mid-round: the round completes with the other two, and the lost client is logged in
+    failures.jsonl (kind timeout: cut off when the SuperLink reports the node gone, or at --round-timeout, whichever
+    comes first); its evaluation is left out of the record."""
     out = tmp_path / "out"
-    server = hetero_cluster.server(out, "--min-nodes", "3", "--round-timeout", "45", "--algorithm", "fedproto",
+    server = hetero_cluster.server(out, "--min-nodes", "3", "--round-timeout", ROUND_TIMEOUT, "--algorithm", "fedproto",
                                    "--rounds", "1", "--local-epochs", "3", name="lost")
     metrics = out / "metrics.jsonl"
     t0 = time.monotonic()
@@ -169,7 +170,7 @@ def test_a_lost_node_is_cut_off_and_logged(hetero_cluster, pfllib_digits, tmp_pa
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     train = [f for f in failures if f.get("task", "train") == "train"]
     assert [(f["round"], f["client"], f["kind"]) for f in train] == [(1, 2, "timeout")]
-    assert "did not answer within --round-timeout 45" in train[0]["error"] or "went away" in train[0]["error"]
+    assert "did not answer within --round-timeout" in train[0]["error"] or "went away" in train[0]["error"]
     assert json.loads((out / "run.json").read_text())["status"] == "complete"
 
 
