@@ -80,8 +80,10 @@ CASES: dict[str, tuple[dict, dict]] = {
     # accuracy well above chance (1 %), for a sharper fp32/bf16 comparison
     "cifar-acc-fp32-lr0.05": (dict(CIFAR, executor="sequential", lr=0.05), {}),
     "cifar-acc-bf16-lr0.05": (dict(CIFAR, executor="sequential", lr=0.05, precision="bf16"), {}),
-    "ditto-500": (dict(SCALE500, executor="sequential"), {"ditto": True}),
-    "ditto-500-process": (dict(SCALE500, executor="process", workers=2), {"ditto": True}),
+    "ditto-500": (dict(SCALE500, executor="sequential", state_store="memory"), {"ditto": True}),
+    # the default store (auto): 500 × 3.7 MB of personal models project past AUTO_DISK_BYTES, so it keeps them on disk
+    "ditto-500-auto": (dict(SCALE500, executor="sequential", state_store="auto"), {"ditto": True}),
+    "ditto-500-process": (dict(SCALE500, executor="process", workers=2, state_store="memory"), {"ditto": True}),
     "ditto-500-disk": (dict(SCALE500, executor="sequential", state_store="disk"), {"ditto": True}),
     "ditto-10k-disk": (dict(SCALE10K, executor="sequential"), {"ditto": True}),
     "ditto-10k-disk-process": (dict(SCALE10K, executor="process", workers=2), {"ditto": True}),
