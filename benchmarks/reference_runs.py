@@ -625,12 +625,13 @@ def plot_curves(sc: Scenario, rows: list[Row], path: Path) -> bool:
     n = len(shown)
     cols = min(4, n)
     rws = math.ceil(n / cols)
-    fig, axes = plt.subplots(rws, cols, figsize=(3.6 * cols, 2.8 * rws), squeeze=False)
+    fig, axes = plt.subplots(rws, cols, figsize=(max(3.6 * cols, 7.5), 2.8 * rws + 0.4), squeeze=False)
     for ax, r in zip(axes.flat, shown):
         e = MAPPING[r.algo]
         if r.pf_curve:
             xs = sorted(r.pf_curve)
-            ax.plot(xs, [r.pf_curve[x] for x in xs], color="tab:orange", label="PFLlib")
+            ax.plot(xs, [r.pf_curve[x] for x in xs], color="tab:orange",
+                    label="PFLlib" + ("" if r.pf_state == "complete" else f" ({r.pf_state})"))
             if r.pf_ft is not None:
                 ax.plot([xs[-1]], [r.pf_ft], "x", color="tab:orange", label="PFLlib fine-tuned")
         if r.ff_curves:
