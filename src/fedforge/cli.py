@@ -72,6 +72,10 @@ def cmd_partition(args: argparse.Namespace) -> int:
         check_export_dir(export_dir)  # refuse before any work is done
     ds = load_dataset(cfg.dataset, cfg.data_root, cfg.download, cfg.class_subset)
     part = build_partition(cfg, ds)
+    if part.domains:  # feature shift: the exported images are those of each client's domain
+        from .data.domains import apply_domains
+
+        ds = apply_domains(ds, part)
     stats = part.stats(ds.y, ds.num_classes)
     out = Path(cfg.out) if cfg.out else Path("partitions") / (
         f"{ds.name.replace(':', '-').replace('/', '_')}_{part.scheme}_{part.num_clients}c_s{cfg.seed}")

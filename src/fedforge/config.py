@@ -24,7 +24,8 @@ class RunConfig:
     dataset: str = opt("digits", "dataset: a name, npz:PATH, folder:PATH or pfllib:DIR")
     model: str = opt("cnn", "model or model group (see `fedforge list models`)")
     model_assignment: list | None = opt(None, "architecture index of each client in the model group, e.g. 0,1,1,0 (default: client i gets i mod K)")
-    partition: str = opt("dirichlet", "partitioner: iid, dirichlet, pathological, exdir, shards (ignored for pfllib:)")
+    partition: str = opt("dirichlet", "partitioner: iid, dirichlet, pathological, exdir, shards, or domains (feature "
+                                      "shift, see --domains) (ignored for pfllib:)")
     alpha: float = opt(0.1, "Dirichlet concentration (dirichlet, exdir)", gt=0)
     classes_per_client: int = opt(2, "classes per client (pathological, exdir)", ge=1)
     shards_per_client: int = opt(2, "shards per client (shards)", ge=1)
@@ -88,6 +89,18 @@ class RunConfig:
     generator: str | None = opt(None, "image generator of generator-assisted algorithms: builtin[:DIR], diffusers:DIR or stylegan:FILE.pkl (default: builtin)")
     trust_generator_pickle: bool = opt(False, "allow loading a StyleGAN pickle (unpickling runs code from the file: only for files you trust)")
     shots: int = opt(5, "fewshot partitioner: training samples per class and client (the rest of those classes is test data)", ge=1)
+    # feature shift and unseen clients (docs/scenarios.md)
+    domains: str | None = opt(None, "the domains of --partition domains: rotate:0,90,180,270 | colour:original,invert,"
+                              "gray,red | corrupt:gaussian_noise:3,blur:3,contrast:3,jpeg:3 | folder (a folder: dataset "
+                              "laid out as ROOT/<domain>/<class>/<image>); kinds joined with ';'")
+    clients_per_domain: int | None = opt(None, "--partition domains: clients per domain, K·D clients in all (default: "
+                                         "--clients, dealt to the domains round-robin)", ge=1)
+    domain_label_skew: str = opt("iid", "--partition domains: the partitioner that splits each domain's samples among "
+                                 "its clients (iid; dirichlet, pathological, exdir, shards, fewshot with their options)")
+    new_clients: int = opt(0, "keep the last N clients out of training: after the last round they fine-tune the global "
+                           "model and are evaluated before and after (PFLlib's -nnc)", ge=0)
+    fine_tune_epochs: int = opt(0, "local epochs the new clients fine-tune the global model for (PFLlib's -ften; 0: "
+                                "evaluated as received)", ge=0)
 
     # ------------------------------------------------------------------------------------------------
     def validate(self) -> "RunConfig":
@@ -103,6 +116,11 @@ class RunConfig:
             raise ConfigError("params must be a mapping of algorithm hyper-parameters (key: value).")
         if self.model_assignment is not None:
             self.model_assignment = _index_list(self.model_assignment)
+        if self.partition != "domains":
+            given = [f"--{k.replace('_', '-')}" for k, default in DOMAIN_DEFAULTS if getattr(self, k) != default]
+            if given:
+                raise ConfigError(f"{given[0]} belongs to --partition domains (feature shift); add --partition domains, "
+                                  f"or leave {given[0]} out.")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -117,6 +135,9 @@ class RunConfig:
             d.pop(k, None)
         if d.get("deterministic") is False:  # runs made before --deterministic resume as they were
             d.pop("deterministic")
+        for k, default in DOMAIN_DEFAULTS + NEW_CLIENT_DEFAULTS:  # runs made before these options resume as they were
+            if d.get(k) == default:
+                d.pop(k, None)
         return d
 
     @property
@@ -127,6 +148,8 @@ class RunConfig:
 
 
 _FIELD_NAMES = {f.name for f in fields(RunConfig)}
+DOMAIN_DEFAULTS = (("domains", None), ("clients_per_domain", None), ("domain_label_skew", "iid"))
+NEW_CLIENT_DEFAULTS = (("new_clients", 0), ("fine_tune_epochs", 0))
 
 
 def _index_list(value: Any) -> list[int]:

@@ -51,7 +51,8 @@ _FIELDS = {f.name for f in dataclasses.fields(RunConfig)}
 _OPTIONS = {f.name for f in dataclasses.fields(RunConfig) if f.metadata.get("flag", True)}
 # the fields a partition depends on (batch_size through the default min_samples); runs that agree on them share it
 PARTITION_FIELDS = ("dataset", "class_subset", "partition", "alpha", "classes_per_client", "shards_per_client", "balance",
-                    "min_samples", "train_ratio", "clients", "shots", "batch_size", "seed")
+                    "min_samples", "train_ratio", "clients", "shots", "batch_size", "seed", "domains",
+                    "clients_per_domain", "domain_label_skew")
 _UNSAFE = re.compile(r"[^A-Za-z0-9.+-]+")
 
 

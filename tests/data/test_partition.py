@@ -19,6 +19,7 @@ CASES = {
     "pathological": {"classes_per_client": 2},
     "exdir": {"classes_per_client": 3, "alpha": 1.0, "min_samples": 40},
     "shards": {"shards_per_client": 2},
+    "domains": {"num_domains": 4, "within": "dirichlet", "alpha": 0.5, "min_samples": 20},  # tests/data/test_domains.py
 }
 
 

@@ -9,6 +9,7 @@
         server   ← aggregate(server, {u_i})                                    (bytes up are counted)
         every eval_every rounds: every client evaluates → one record
     finetune every client (methods with has_finetune), then a last record
+    new clients (kept out of every round) fine-tune the global model: one record of them (core/unseen.py)
 
 The engine emits events (:class:`EngineListener`): round started, updates received, aggregated, evaluated, record
 written. Everything around the loop — the run directory, resume, checkpoints, status, signals, progress bar,
@@ -36,7 +37,11 @@ from .messages import nbytes, numel, to_device
 from .runtime import Task
 from .server_opt import ServerOptimizer, algorithm_view
 from .store import StateStore
-from .training import summarize_counts
+from .training import summarize_counts, summarize_groups
+from .unseen import STAGE as NEW_CLIENTS
+from .unseen import TASK as NEW_CLIENT_TASK
+from .unseen import NewClients, new_client_record
+from .unseen import message as new_client_message
 
 CPU = torch.device("cpu")
 
@@ -111,8 +116,11 @@ class FailureStop(Exception):
 class RoundEngine:
     def __init__(self, algo: Algorithm, schedule: Schedule, executor: Executor, *, listeners: Iterable[Any] = (),
                  should_stop: Callable[[], bool] = lambda: False, clock: Callable[[], float] = time.perf_counter,
-                 server_opt: ServerOptimizer | None = None):
+                 server_opt: ServerOptimizer | None = None, groups: Mapping[str, list[int]] | None = None,
+                 new_clients: NewClients | None = None):
         self.algo, self.s, self.executor = algo, schedule, executor
+        self.groups = groups or {}  # name → clients, e.g. the domains: each record gets <view>_acc_domain/<name>
+        self.unseen = new_clients  # clients kept out of training, evaluated after the last round (new_clients)
         self.server_opt = server_opt  # a server-side update rule composed with the algorithm's aggregate
         self._opt_names: set[str] = set()
         self.events = Listeners(listeners)
@@ -148,6 +156,7 @@ class RoundEngine:
         self.check_stop()
         if self.algo.has_finetune and not prog.finetuned:
             self.finetune(prog)
+        self.new_clients(prog)
         return prog
 
     def due(self, rnd: int) -> bool:
@@ -269,6 +278,7 @@ class RoundEngine:
         views = summarize_counts(results)
         rec: dict[str, Any] = {"round": rnd, "global_acc": views.pop("global_acc", None),
                                "personalized_acc": views.pop("personalized_acc", None), "loss": info.get("loss"), **views}
+        rec |= summarize_groups(results, self.groups)
         rec |= {k: info.get(k, 0) for k in ("bytes_up", "bytes_down", "params_up", "params_down", "clients")}
         rec |= {f"{k}_per_client": info.get(f"{k}_per_client", 0.0)
                 for k in ("bytes_up", "bytes_down", "params_up", "params_down")}
@@ -300,6 +310,23 @@ class RoundEngine:
         prog.finetuned = True
         self.record(self.s.rounds, prog, {**prog.round_info, "bytes_up": 0, "bytes_down": 0, "params_up": 0,
                                           "params_down": 0}, stage="finetune")
+
+    def new_clients(self, prog: Progress) -> None:
+        """After the last round (and the finetune stage): the clients kept out of training receive the global model,
+        fine-tune it on their own data and are evaluated before and after (:mod:`fedforge.core.unseen`); one more
+        record, ``"stage": "new_clients"``, emitted as ``record_written``. Their states never enter the store; a
+        resumed run whose records lack that stage runs it."""
+        if self.unseen is None or any(r.get("stage") == NEW_CLIENTS for r in prog.records):
+            return
+        self.check_stop()
+        rnd, t0 = self.s.rounds + 1, time.perf_counter()
+        tasks = (Task(NEW_CLIENT_TASK, cid, rnd, new_client_message(
+                    self.algo, self._eval_message(prog.server, cid, rnd, NEW_CLIENT_TASK), self.unseen.epochs), None)
+                 for cid in self.unseen.cids)
+        rec = new_client_record(self.executor.imap(tasks), self.s.rounds, self.unseen.epochs, self.groups)
+        rec |= {"eval_seconds": time.perf_counter() - t0, "seconds": self.clock()}
+        prog.records.append(rec)
+        self.events.emit("record_written", rec, prog)
 
 
 def select_clients(s: Schedule, n: int, rnd: int) -> tuple[list[int], list[int]]:

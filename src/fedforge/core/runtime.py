@@ -16,8 +16,9 @@ from .context import Context, derive_seed
 from .faults import ClientFailure, run_guarded
 from .messages import Message, State, to_device
 from .training import EvalCounts, GradHook, LossFn, Optimizer, TrainStats, eval_loop, train_loop
+from .unseen import run_new_client
 
-TASK_KINDS = {"train": 1, "eval": 2, "finetune": 3}
+TASK_KINDS = {"train": 1, "eval": 2, "finetune": 3, "new_client": 4}
 OPTIM = "optim/"  # client-state prefix of the local optimiser's state
 CPU = torch.device("cpu")
 
@@ -93,6 +94,8 @@ class Worker:
         np.random.seed(seed % (2**32))
         rt = ClientRuntime(self, task.cid, task.round, seed)
         msg = to_device(task.message, self.device)
+        if task.kind == "new_client":  # a client kept out of training: no state, the global model fine-tuned
+            return run_new_client(rt, msg)
         state = to_device(task.state, self.device) if task.state is not None else self.algo.init_client(rt)
         state = rt.take_optimizer_state(state)
         if task.kind == "train":

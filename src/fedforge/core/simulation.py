@@ -21,6 +21,7 @@ import torch
 
 from ..config import RunConfig, dump_yaml
 from ..data import Dataset, Partition, from_client_split, load_dataset, make_partition
+from ..data.domains import apply_domains, domain_groups, make_domain_partition
 from ..data.federation import check_augment
 from ..data.partition import PARTITIONERS, default_min_samples, plot_heatmap
 from ..errors import ConfigError, PartitionError
@@ -41,6 +42,7 @@ from .runtime import WorkerSpec
 from .server_opt import ServerOptimizer, algorithm_view
 from .store import MemoryStore, open_store
 from .tracking import open_trackers
+from .unseen import check_new_clients, participants
 
 log = logging.getLogger("fedforge")
 
@@ -65,16 +67,21 @@ def build_partition(cfg: RunConfig, ds: Dataset) -> Partition:
     kwargs = {k: v for k, v in candidates.items() if k in accepted}
     if cfg.clients > len(ds.y):
         raise PartitionError(f"{cfg.clients} clients cannot share the {len(ds.y)} samples of {ds.name}; use at most {len(ds.y)} clients.")
+    if cfg.partition == "domains":  # feature shift: a domain per client, any partitioner within each domain
+        return make_domain_partition(ds, cfg.domains, cfg.clients, cfg.seed, clients_per_domain=cfg.clients_per_domain,
+                                     within=cfg.domain_label_skew, train_ratio=cfg.train_ratio, batch_size=cfg.batch_size,
+                                     **{**candidates, "min_samples": cfg.min_samples})
     return make_partition(ds.y, ds.num_classes, cfg.partition, cfg.clients, cfg.seed, train_ratio=cfg.train_ratio, **kwargs)
 
 
 def build_algorithm(cfg: RunConfig, ds: Dataset, part: Partition) -> Algorithm:
     cls = ALGORITHMS.get(cfg.algorithm)
     archs = resolve_architectures(cfg.model, part.num_clients, getattr(cfg, "model_assignment", None))
+    n = participants(part.num_clients, cfg.new_clients)  # the last --new-clients ids never train (core/unseen.py)
     ctx = Context(
-        num_clients=part.num_clients, num_classes=ds.num_classes, input_shape=ds.input_shape, archs=tuple(archs),
+        num_clients=n, num_classes=ds.num_classes, input_shape=ds.input_shape, archs=tuple(archs),
         seed=cfg.seed, rounds=cfg.rounds, lr=cfg.lr, batch_size=cfg.batch_size, local_epochs=cfg.local_epochs,
-        train_sizes=tuple(len(a) for a in part.train), test_sizes=tuple(len(a) for a in part.test),
+        train_sizes=tuple(len(a) for a in part.train[:n]), test_sizes=tuple(len(a) for a in part.test[:n]),
         device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size, optimizer=cfg.optimizer,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
         generator=cfg.generator, trust_generator_pickle=cfg.trust_generator_pickle, vocab_size=ds.vocab_size)
@@ -146,10 +153,13 @@ class Simulation:
         else:
             self.partition = build_partition(self.cfg, self.ds)
         self.cfg.clients = self.partition.num_clients
+        self.ds = apply_domains(self.ds, self.partition)  # feature shift: each client's samples in its domain, once
         if saved is not None:
             check_same_config(saved, self.cfg, resume)
         self.algo = build_algorithm(self.cfg, self.ds, self.partition)
         self.ctx = self.algo.ctx
+        self.new_clients = check_new_clients(self.algo, self.partition.num_clients, self.cfg.new_clients,
+                                             self.cfg.fine_tune_epochs)
         empty = [i for i, a in enumerate(self.partition.train) if len(a) == 0]
         if empty:
             raise PartitionError(f"client {empty[0]} has no training samples; lower --clients or raise --min-samples.")
@@ -244,7 +254,8 @@ class Simulation:
             self._t_start -= float(self.checkpoint.info.get("elapsed", 0.0))
         engine = RoundEngine(self.algo, self.schedule, executor, listeners=[self, *self.hooks.listeners],
                              should_stop=lambda: self._stop is not None,
-                             clock=lambda: time.perf_counter() - self._t_start, server_opt=self.server_optimizer)
+                             clock=lambda: time.perf_counter() - self._t_start, server_opt=self.server_optimizer,
+                             groups=domain_groups(self.partition), new_clients=self.new_clients)
         prog: Progress | None = None
         try:
             with StopSignals(self._on_signal):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -269,6 +269,23 @@ def summarize_counts(results: Iterable[Any]) -> dict[str, Any]:
         if s and s["macro_f1"] is not None:
             rec[f"{v}_macro_f1"] = s["macro_f1"]
     return rec
+
+
+def summarize_groups(results: Iterable[Any], groups: Mapping[str, Sequence[int]], label: str = "domain") -> dict[str, Any]:
+    """Accuracy per group of clients (e.g. the clients of each domain of a feature-shift partition): for every view,
+    ``<view>_acc_<label>/<name>`` pooled over the test samples of the group's clients that are among ``results``
+    (a group none of them belongs to gets no key). The groups' accuracies, weighted by their test samples, pool to
+    ``<view>_acc`` when the groups cover the clients."""
+    by_cid = {r.cid: r for r in results}
+    views = sorted({v for r in by_cid.values() for v in r.counts}, key=lambda v: (v not in ("global", "personalized"), v))
+    out: dict[str, Any] = {}
+    for v in views:
+        for name, cids in groups.items():
+            counts = [by_cid[c].counts[v] for c in cids if c in by_cid and v in by_cid[c].counts]
+            total = sum(c.total for c in counts)
+            if counts:
+                out[f"{v}_acc_{label}/{name}"] = sum(c.correct for c in counts) / total if total else float("nan")
+    return out
 
 
 def _summarize_view(counts: list[EvalCounts]) -> dict[str, Any] | None:

@@ -19,7 +19,8 @@ from .._io import atomic_open
 from ..errors import PartitionError
 from ..registry import Registry
 
-PARTITIONERS: Registry[Callable[..., list[np.ndarray]]] = Registry("partitioner", "see `fedforge list partitioners`")
+PARTITIONERS: Registry[Callable[..., list[np.ndarray]]] = Registry("partitioner", "see `fedforge list partitioners`",
+                                                                 populate="fedforge.data.domains")
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -296,6 +297,8 @@ class Partition:
     params: dict = field(default_factory=dict)
     seed: int = 0
     fingerprint: str = ""
+    # feature shift (``--partition domains``, :mod:`fedforge.data.domains`): the domain name of each client
+    domains: list[str] | None = None
 
     @property
     def num_clients(self) -> int:
@@ -315,7 +318,14 @@ class Partition:
                                    "std": float(sizes.std())},
             "classes_per_client": {"min": int(((tr + te) > 0).sum(1).min()), "max": int(((tr + te) > 0).sum(1).max())},
             "train_counts": tr.tolist(), "test_counts": te.tolist(),
+            **({"domains": self.domain_stats()} if self.domains else {}),
         }
+
+    def domain_stats(self) -> dict:
+        """The domains of a feature-shift partition: the spec, each client's domain, the clients of each domain."""
+        names = list(dict.fromkeys(self.domains or []))
+        return {"spec": self.params.get("domains"), "client_domains": list(self.domains or []),
+                "clients_per_domain": {d: [i for i, x in enumerate(self.domains or []) if x == d] for d in names}}
 
     def check(self, labels: np.ndarray) -> None:
         n = len(labels)
@@ -335,7 +345,7 @@ class Partition:
         arrays = {f"train_{i}": a.astype(np.int64) for i, a in enumerate(self.train)}
         arrays |= {f"test_{i}": a.astype(np.int64) for i, a in enumerate(self.test)}
         meta = {"scheme": self.scheme, "params": self.params, "seed": self.seed, "num_clients": self.num_clients,
-                "fingerprint": self.fingerprint}
+                "fingerprint": self.fingerprint, **({"domains": list(self.domains)} if self.domains else {})}
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
         with atomic_open(path, hidden=False) as f:
             np.savez(f, **arrays)
@@ -360,13 +370,17 @@ class Partition:
                 scheme, params, fingerprint = meta.get("scheme", "file"), meta.get("params", {}), meta.get("fingerprint", "")
                 if not isinstance(scheme, str) or not isinstance(params, dict) or not isinstance(fingerprint, str):
                     raise ValueError("malformed metadata")
+                domains = meta.get("domains")
+                if domains is not None and (not isinstance(domains, list) or len(domains) != n
+                                            or not all(isinstance(d, str) for d in domains)):
+                    raise ValueError("malformed domains")
         except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, json.JSONDecodeError, UnicodeDecodeError,
                 TypeError, AttributeError, IndexError, RecursionError) as e:
             raise PartitionError(f"partition file {path} is corrupt or not a fedforge partition ({type(e).__name__}).") from None
         for a in train + test:
             if a.ndim != 1 or not np.issubdtype(a.dtype, np.integer):
                 raise PartitionError(f"partition file {path} holds a non-index array; it is corrupt.")
-        return cls(train, test, scheme, params, seed, fingerprint)
+        return cls(train, test, scheme, params, seed, fingerprint, domains)
 
 
 def default_min_samples(n_samples: int, num_clients: int, batch_size: int, train_ratio: float) -> int:
@@ -425,8 +439,12 @@ def plot_heatmap(stats: dict, path: str | os.PathLike, title: str = "") -> Path:
             axis.set_ticks(range(size))
         else:
             axis.set_major_locator(MaxNLocator(integer=True, nbins="auto"))
+    domains = (stats.get("domains") or {}).get("client_domains")
+    if domains and n <= 30:  # feature shift: each client's domain beside its number
+        ax.set_yticklabels([f"{i} · {d}" for i, d in enumerate(domains)])
+        ax.set_ylabel("client · domain")
     ax.tick_params(labelsize=7 if max(n, k) > 20 else 9)
-    params = ", ".join(f"{key} {v}" for key, v in (stats.get("params") or {}).items())
+    params = ", ".join(f"{key} {v}" for key, v in (stats.get("params") or {}).items() if not isinstance(v, (list, dict)))
     text = title or (f"{stats['scheme']} partition{f' ({params})' if params else ''}: samples per client and class "
                      f"(colour: log scale)")
     ax.set_title("\n".join(textwrap.wrap(text, max(20, int(width * 9)))), fontsize=10)

@@ -32,6 +32,7 @@ def plot_curves(records: list[dict], path: str | os.PathLike, title: str = "",
     """Accuracy and loss per round; with ``server_keys`` (the algorithm's server-side metrics, e.g. FedTGP's
     prototype loss and margin, FedKTL's alignment losses) a third panel plots those per round."""
     plt = _mpl()
+    records = [r for r in records if r.get("stage") != "new_clients"]  # the unseen clients' record is no curve
 
     def series(pairs, train_only: bool = False):
         out = {label: [(r["round"], r[key]) for r in records if r.get(key) is not None

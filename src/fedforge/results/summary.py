@@ -11,7 +11,25 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+NEW_CLIENTS = "new_clients"  # the stage of the unseen clients' record (fedforge.core.unseen)
+
+
+def new_clients_summary(rec: dict) -> dict:
+    """The unseen clients' accuracies beside the participants': before and after fine-tuning, the clients, and each
+    client's and each domain's accuracy."""
+    out = {"before": rec.get("before_acc"), "after": rec.get("after_acc"), "clients": rec.get("new_clients", []),
+           "fine_tune_epochs": rec.get("fine_tune_epochs"), "before_loss": rec.get("before_loss"),
+           "after_loss": rec.get("after_loss"),
+           "per_client": {"before": rec.get("before_acc_clients"), "after": rec.get("after_acc_clients")}}
+    domains = {k: v for k, v in rec.items() if "_acc_domain/" in k}
+    if domains:
+        out["domains"] = domains
+    return out
+
+
 def summarize(records: list[dict], *, rounds: int, wall_seconds: float, extra: dict | None = None, last_k: int = 5) -> dict:
+    unseen = [r for r in records if r.get("stage") == NEW_CLIENTS]
+    records = [r for r in records if r.get("stage") != NEW_CLIENTS]  # the participants' records
     train = [r for r in records if r.get("stage", "train") == "train"]
     best: dict[str, Any] = {}
     for k in ACC_KEYS:
@@ -46,6 +64,8 @@ def summarize(records: list[dict], *, rounds: int, wall_seconds: float, extra: d
         "bytes_up_total": last_rec.get("bytes_up_total", up),
         "bytes_down_total": last_rec.get("bytes_down_total", down),
     }
+    if unseen:
+        out[NEW_CLIENTS] = new_clients_summary(unseen[-1])
     if extra:
         out.update(extra)
     return out
