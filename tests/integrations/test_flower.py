@@ -118,7 +118,8 @@ def test_same_numbers_as_simulation(cnn_cluster, contract_runs, pfllib_digits, t
     for name in ("fedavg", "ditto"):
         sim = fedforge.run(algorithm=name, dataset=pfllib_digits, model="cnn", rounds=2, seed=5, run_dir=False)
         _same(_records(tmp_path / "out" / name), sim.records, name)
-    states = sorted(p.name for p in cnn_cluster.folder.glob("states-*/run-*/experiment-1/*.safetensors"))
+    run = next(cnn_cluster.folder.glob("states-2/run-*")).name  # node 2 joined for this run only
+    states = sorted(p.name for p in cnn_cluster.folder.glob(f"states-*/{run}/experiment-1/*.safetensors"))
     assert states == [f"client-{i:07d}.safetensors" for i in range(3)]  # Ditto's personal models, one per device
     ckpt = sorted((tmp_path / "out" / "ditto" / "checkpoints").glob("*"))
     assert ckpt, "the server writes its checkpoints as in simulation"
