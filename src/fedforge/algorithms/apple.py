@@ -19,6 +19,14 @@ Defaults follow the authors' code: μ = 0.1, L = 0.1 (the prior fades out over t
 the cosine schedule), η_p = 0.001; θ uses the run's learning rate with plain SGD (the authors use momentum 0.9).
 PFLlib's default ``dr_learning_rate`` = 0 never updates p; here η_p > 0 by default. Not implemented: the paper's
 limited-bandwidth mode that downloads only some cores per round.
+
+Departures from PFLlib (``clientapple.py``): PFLlib steps the core with its learning rate × N (it multiplies
+``-lr`` by the number of clients; fedforge's lr = N × PFLlib's gives the same step), and shares each client's last
+mixture w_i (the personalized model of its last batch) instead of its core θ_i as the next round's core. Its clients
+also train one after the other on shared core objects, so a later client mixes cores already updated this round
+(here every client mixes the cores of the round's start, as in the paper), and it starts p at 1/N (here p_0). The
+first client's core update is the same computation (``tests/reference/test_pfllib_step.py``,
+``test_step_equivalence[apple]``).
 """
 from __future__ import annotations
 
