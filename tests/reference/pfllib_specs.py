@@ -16,11 +16,20 @@ import copy
 import torch
 
 from fedforge.core.messages import model_entries, under
-from tests.reference.pfllib_shim import (AlgoSpec, Harness, assert_same, import_pfllib, load_pf, max_abs_diff,
-                                         pf_params, quiet, step_equivalence)
+from tests.reference.pfllib_shim import (
+    AlgoSpec,
+    Harness,
+    assert_same,
+    ff_name,
+    import_pfllib,
+    load_pf,
+    max_abs_diff,
+    pf_params,
+    quiet,
+    step_equivalence,
+)
 
 
-# ------------------------------------------------------------------------------------------------ views
 # ------------------------------------------------------------------------------------------------ views
 def prefixed(d: dict, prefix: str) -> dict:
     return {f"{prefix}/{k}": v for k, v in d.items()}
@@ -120,8 +129,9 @@ def fedbn_bn_spec():
     whose name contains "bn", and never sends buffers, so its clients keep their running statistics too; it is given
     the same layers under names that say "bn" (what its FedBN needs, e.g. torchvision's ResNet ``bn1``), in the same
     order. Compared: each client's whole state (parameters and running statistics) and the shared server entries."""
-    import torch.nn as nn
     from collections import OrderedDict
+
+    import torch.nn as nn
 
     def pf_model(h):
         ff = h.ctx.build_model("cnn_bn")
@@ -675,6 +685,112 @@ def run_apple(data):
         h.close()
 
 
+# --------------------------------------------------------------------- the eleven algorithms added from PFLlib
+def full_pass(h, cid: int) -> list:
+    """Client ``cid``'s training samples in one batch (the partition's order): what fedforge's class counts, prototypes
+    and statistics read. PFLlib reads a shuffled pass of its drop_last loader, which leaves out the last incomplete
+    batch; a spec hands PFLlib this pass instead, where a module documents that difference."""
+    x, y = h.fed.inputs(h.fed.train_idx[cid])
+    return [(x.contiguous(), y)]
+
+
+def drop_last_pass(h, cid: int, batch_size: int = 10) -> list:
+    """Client ``cid``'s training samples in batches of ``batch_size`` in the partition's order, the last incomplete batch
+    dropped: PFLlib's pass (up to its shuffling), handed to it to show a documented difference acting."""
+    x, y = h.fed.inputs(h.fed.train_idx[cid])
+    n = len(y) - len(y) % batch_size if len(y) > batch_size else len(y)
+    return [(x[i:i + batch_size].contiguous(), y[i:i + batch_size]) for i in range(0, n, batch_size)]
+
+
+def unflatten(flat: torch.Tensor, module, prefix: str) -> dict:
+    """A vector laid out as PFLlib's ``torch.cat`` of ``module.state_dict()`` entries, back under fedforge's names."""
+    out, at = {}, 0
+    for k, v in module.state_dict().items():
+        out[f"{prefix}/{ff_name(k)}"] = flat[at:at + v.numel()].view_as(v).clone()
+        at += v.numel()
+    assert at == flat.numel()
+    return out
+
+
+def fedmtl_spec(lam1: float = 0.0):
+    """FedMTL against PFLlib's with fedforge's λ1 = λ2 = 0: PFLlib writes its regulariser on ``state_dict()`` tensors,
+    which carry no gradient, so its clients train on cross-entropy alone, which is fedforge's FedMTL with the
+    regulariser off (documented in fedmtl.py). PFLlib's server rebuilds W from the clients' models before each round;
+    compared with fedforge's S = Σ_k w_k, the sum of W's columns after the round."""
+
+    def pf_send(h, srv, r):  # PFLlib's round: W from the clients' current models, handed to each client
+        srv.aggregate_parameters()
+        for idx, c in enumerate(srv.selected_clients):
+            c.set_parameters(srv.W_glob, srv.omega, idx)
+
+    return AlgoSpec("fedmtl", "FedMTL", "servermtl.FedMTL", ff_params={"lam1": lam1, "lam2": 0.0}, pf_send=pf_send,
+                    pf_aggregate=lambda h, srv, r: srv.aggregate_parameters(),
+                    ff_client_view=lambda h, u: model_entries(u.state),
+                    pf_server_view=lambda h, srv: unflatten(srv.W_glob.sum(1), srv.global_model, "sum"),
+                    ff_server_view=lambda h, st: dict(st), pf_sync=lambda h, srv, st: None)
+
+
+def fedntd_spec(weighted: bool = True):
+    """FedNTD with β = 1 (the paper's; PFLlib's default -bt 0 makes it FedAvg) and τ = 1 on both sides. PFLlib's server
+    averages the models unweighted (its add_parameters divides by the number of clients); fedforge weights them by
+    samples, as the authors do (documented in fedntd.py): ``weighted`` gives PFLlib's server its base class's
+    sample-weighted add_parameters."""
+
+    def pf_setup(h):
+        if weighted:
+            serverntd = import_pfllib("flcore.servers.serverntd")
+            h.patch(serverntd.FedNTD, "add_parameters", import_pfllib("flcore.servers.serverbase").Server.add_parameters)
+
+    return AlgoSpec("fedntd", "FedNTD", "serverntd.FedNTD", ff_params={"beta": 1.0, "tau": 1.0},
+                    pf_args={"beta": 1.0, "tau": 1.0}, pf_setup=pf_setup)
+
+
+def fedlc_spec(counts: str = "global", pf_counts=full_pass):
+    """FedLC with τ = 1 on both sides and fedforge's ``counts=global``: PFLlib's server sums every client's label
+    counts, so all clients use the same margins (the paper: each client its own). PFLlib counts the labels of one
+    pass over its clients' loaders when it builds them; ``pf_counts`` is that pass (default: every training sample,
+    as fedforge counts; PFLlib's shuffled drop_last pass leaves out the last incomplete batch)."""
+
+    def pf_pre_build(h):
+        clientlc = import_pfllib("flcore.clients.clientlc")
+        h.patch(clientlc.clientLC, "load_train_data", lambda self, batch_size=None: pf_counts(h, self.id))
+
+    return AlgoSpec("fedlc", "FedLC", "serverlc.FedLC", ff_params={"tau": 1.0, "counts": counts}, pf_args={"tau": 1.0},
+                    pf_pre_build=pf_pre_build)
+
+
+def pflda_spec(lam: float = 0.0):
+    """PFL-DA against PFLlib's with fedforge's λ = 0: PFLlib computes its penalty ‖h_g − h_k‖₂ from ``.data`` tensors,
+    so it has no gradient and its personal head trains on cross-entropy alone, for every -lam (documented in
+    pflda.py; PFLlib runs with its default -lam 1). Compared: each client's personal model and the global head it
+    uploads; the server's averaged head."""
+
+    def pf_client(h, c):
+        return {**pf_params(c.model), **prefixed(pf_params(c.global_head, "head"), "upload")}
+
+    def ff_client(h, u):
+        return {**model_entries(u.state), **prefixed(model_entries(u.upload), "upload")}
+
+    return AlgoSpec("pflda", "PFL-DA", "serverda.PFL_DA", ff_params={"lam": lam}, pf_args={"lamda": 1.0},
+                    pf_part="head", pf_client_view=pf_client, ff_client_view=ff_client,
+                    ff_server_view=lambda h, st: model_entries(st))
+
+
+def fedphp_spec():
+    """FedPHP with λ = 0.1 and μ = 0.9 (the authors', fedforge's defaults; PFLlib's -lam 1 -mu 0 train on the MMD term
+    alone) on both sides. PFLlib's momentum is μ·R/gr over its rounds R = 0 … gr, fedforge's μ·(t − 1)/(T − 1) over
+    t = 1 … T: the same with PFLlib's -gr = T − 1. Compared: the trained model and the HPM of every client."""
+
+    def pf_client(h, c):
+        return {**pf_params(c.model), **prefixed(pf_params(c.model_p), "hpm")}
+
+    def ff_client(h, u):
+        return {**model_entries(u.upload), **prefixed(under(u.state, "hpm"), "hpm")}
+
+    return AlgoSpec("fedphp", "FedPHP", "serverphp.FedPHP", ff_params={"lam": 0.1, "mu": 0.9},
+                    pf_args={"lamda": 0.1, "mu": 0.9, "global_rounds": 1},
+                    pf_send=lambda h, srv, r: srv.send_models(r - 1), pf_client_view=pf_client, ff_client_view=ff_client)
+
 
 SPECS = {  # algorithms whose rounds fit step_equivalence as they are
     "fedavg": lambda: AlgoSpec("fedavg", "FedAvg", "serveravg.FedAvg"),
@@ -700,13 +816,18 @@ SPECS = {  # algorithms whose rounds fit step_equivalence as they are
     "gpfl": gpfl_spec,
     "per_fedavg": per_fedavg_spec,
     "pfedme": pfedme_spec,
+    "fedmtl": fedmtl_spec,
+    "fedphp": fedphp_spec,
+    "fedntd": fedntd_spec,
+    "pflda": pflda_spec,
+    "fedlc": fedlc_spec,
 }
 
 CUSTOM = {"feddbe": run_feddbe, "apfl": run_apfl, "fedamp": run_fedamp, "fedfomo": run_fedfomo, "apple": run_apple}
 
 ORDER = ["fedavg", "fedprox", "local", "scaffold", "feddyn", "moon", "fedbn", "fedper", "fedrep", "fedbabu", "lgfedavg",
          "fedrod", "ditto", "fedala", "fedcp", "gpfl", "feddbe", "apfl", "per_fedavg", "pfedme", "fedamp", "fedfomo",
-         "apple"]
+         "apple", "fedmtl", "fedphp", "fedntd", "pflda", "fedlc"]
 assert set(ORDER) == set(SPECS) | set(CUSTOM)
 
 RUNS = {name: CUSTOM.get(name) or (lambda data, f=SPECS[name]: step_equivalence(f(), data)) for name in ORDER}

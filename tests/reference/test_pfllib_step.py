@@ -11,11 +11,33 @@ import pytest
 import torch
 
 from fedforge.core.messages import model_entries
-from tests.reference.pfllib_shim import (AlgoSpec, Harness, assert_same, check_same_cnn, load_pf, pf_params, pfllib,
-                                         step_equivalence, tiny_mnist)
-from tests.reference.pfllib_specs import RUNS, fedamp_spec, feddyn_spec, gpfl_spec, partial_spec, pfedme_spec
+from tests.reference.pfllib_shim import (
+    AlgoSpec,
+    Harness,
+    assert_same,
+    check_same_cnn,
+    load_pf,
+    pf_params,
+    pfllib,
+    step_equivalence,
+    tiny_mnist,
+)
+from tests.reference.pfllib_specs import (
+    RUNS,
+    drop_last_pass,
+    fedamp_spec,
+    feddyn_spec,
+    fedlc_spec,
+    fedmtl_spec,
+    fedntd_spec,
+    gpfl_spec,
+    partial_spec,
+    pfedme_spec,
+    pflda_spec,
+)
 
-pytestmark = pytest.mark.filterwarnings("ignore:The use of `x.T`:UserWarning")  # inside PFLlib's APFL client
+pytestmark = [pytest.mark.filterwarnings("ignore:The use of `x.T`:UserWarning"),  # inside PFLlib's APFL client
+              pytest.mark.filterwarnings("ignore:Using a target size:UserWarning")]  # PFLlib's FedAS alignment MSE
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +128,33 @@ def test_fedbabu_finetune_equivalence(data):
     finally:
         h.close()
 
+
+
+
+# ------------------------------------------------------------------ the eleven algorithms added from PFLlib
+def differs(spec, data, where: str) -> None:
+    """``spec`` (one documented difference left unaligned) makes the two codes disagree, first at ``where``."""
+    with pytest.raises(AssertionError, match=where):
+        step_equivalence(spec, data)
+
+
+def test_fedmtl_regulariser_is_what_pfllib_leaves_out(data):
+    """PFLlib's FedMTL regulariser carries no gradient; fedforge's default λ1 = 0.5 pulls each client to the mean."""
+    differs(fedmtl_spec(lam1=0.5), data, "round 1, client 0 after its local update")
+
+
+def test_fedntd_differs_from_pfllib_only_by_the_weighting(data):
+    """PFLlib's FedNTD server averages unweighted: the clients agree, the server does not."""
+    differs(fedntd_spec(weighted=False), data, "round 1, server after aggregation")
+
+
+def test_fedlc_margins_are_pfllibs_only_with_global_counts_of_every_sample(data):
+    """The paper's local label counts give other margins than PFLlib's summed counts, and so do counts of a drop_last
+    pass (PFLlib's own) instead of every sample."""
+    differs(fedlc_spec(counts="local"), data, "round 1, client 0 after its local update")
+    differs(fedlc_spec(pf_counts=drop_last_pass), data, "round 1, client 0 after its local update")
+
+
+def test_pflda_penalty_is_what_pfllib_leaves_out(data):
+    """PFLlib's penalty on .data has no gradient; fedforge's λ = 1 acts on the personal head (the uploads agree)."""
+    differs(pflda_spec(lam=1.0), data, "round 1, client 0 after its local update")

@@ -19,7 +19,8 @@ incomplete batch; here every training sample counts).
 
 Deliberate differences from PFLlib: the default margins are the client's own (see above); a class that nobody
 holds would give PFLlib an infinite margin and, with τ = 0, a NaN (0·∞); here it is left out of the softmax when
-τ > 0 and untouched when τ = 0.
+τ > 0 and untouched when τ = 0. With ``counts=global`` (and PFLlib counting every sample) two rounds equal
+PFLlib's (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedlc]``).
 """
 from __future__ import annotations
 

@@ -21,7 +21,8 @@ Deliberate differences from PFLlib (``clientmtl.py``/``servermtl.py``): PFLlib b
 tensors, which carry no gradient, so its regulariser never changes the model and its FedMTL trains exactly like
 ``local`` (it also builds Ω from ``torch.ones`` instead of the identity, i.e. Ω ∝ 11ᵀ, and scales the regulariser by
 10^−(digits of the model size + 1)); here the regulariser is the paper's and is differentiated. W holds every client's
-latest model (PFLlib: the models of the round's clients only).
+latest model (PFLlib: the models of the round's clients only). With λ1 = λ2 = 0 two rounds equal PFLlib's FedMTL step
+for step (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedmtl]``).
 """
 from __future__ import annotations
 

@@ -17,6 +17,8 @@ Deliberate differences from PFLlib's ``clientntd.py``/``serverntd.py``:
 
 * aggregation is the sample-weighted mean (FedAvg, as in the authors' ``BaseServer._aggregation``); PFLlib's FedNTD
   server overrides ``add_parameters`` with an unweighted mean over the round's clients.
+
+With PFLlib's server given the weighted mean, two rounds equal PFLlib's (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedntd]``).
 """
 from __future__ import annotations
 

@@ -22,7 +22,8 @@ Deliberate differences from PFLlib (``clientphp.py``): the personalized view is 
 locally trained model of the round's clients and the global model of the others); μ_t counts rounds, as PFLlib
 does (PFLlib's μ·R/gr over its rounds R = 0 … gr; the authors count the client's own participations against the
 expected number and cap μ at 0.9); the HPM update covers every floating
-state entry (PFLlib: parameters only).
+state entry (PFLlib: parameters only). With PFLlib's ``-gr`` = T − 1 two rounds (trained models and HPMs) equal
+PFLlib's (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedphp]``).
 """
 from __future__ import annotations
 

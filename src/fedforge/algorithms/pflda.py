@@ -17,7 +17,8 @@ A client is judged with its personal model (φ_k, h_k). E is the run's local epo
 
 Deliberate differences from PFLlib (``clientda.py``): PFLlib computes the penalty ‖h_g − h_k‖₂ from ``.data``
 tensors, so it carries no gradient and never acts; here it is differentiated (‖·‖₂, not squared, as PFLlib writes
-it; its subgradient at h_k = h_g is 0).
+it; its subgradient at h_k = h_g is 0). With λ = 0 two rounds equal PFLlib's for any ``-lam``
+(``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[pflda]``).
 """
 from __future__ import annotations
 
