@@ -792,6 +792,172 @@ def fedphp_spec():
                     pf_send=lambda h, srv, r: srv.send_models(r - 1), pf_client_view=pf_client, ff_client_view=ff_client)
 
 
+def fedcac_spec(customize_first: bool = True):
+    """FedCAC with τ = 0.5 (the authors') and β = 2 (so that the threshold θ_t = ō + (t/β)(o_max − ō) lies between
+    the mean and the highest overlap in round 1 and reaches the highest in round 2; PFLlib's default -bt 0 fails its
+    own assertion) on both sides. PFLlib sends models at the end of a round: the global model, and to a client that
+    has a critical mask its critical entries from its customized model. It skips the customization after its first
+    round (round 0), so those entries then come from the client's initial weights; fedforge customizes every round
+    (documented in fedcac.py): ``customize_first`` has PFLlib's server customize after round 0 too (its own
+    get_customized_global_models, which its later rounds run). Compared: each client's trained model and critical
+    mask; the global model and every customized model."""
+    serverbase = import_pfllib("flcore.servers.serverbase")
+
+    def pf_send(h, srv, r):
+        if r == 1:  # PFLlib's round 0 starts by sending the global model
+            srv.epoch = 0
+            srv.send_models()
+
+    def pf_aggregate(h, srv, r):
+        srv.epoch = r - 1
+        srv.receive_models()
+        srv.aggregate_parameters()
+        if customize_first and srv.epoch == 0:
+            srv.get_customized_global_models()
+            serverbase.Server.send_models(srv)
+        else:
+            srv.send_models()
+
+    def pf_client(h, c):
+        names = list(pf_params(c.model))
+        return {**pf_params(c.model), **{f"mask/{n}": m.float() for n, m in zip(names, c.local_mask)}}
+
+    def ff_client(h, u):
+        return {k: v.float() for k, v in u.upload.items()}
+
+    def pf_server(h, srv):
+        return {**pf_params(srv.global_model),
+                **{k: v for c in srv.clients for k, v in prefixed(pf_params(c.customized_model), f"cust/{c.id}").items()}}
+
+    def pf_sync(h, srv, st):
+        load_pf(srv.global_model, model_entries(st))
+        for c in srv.clients:
+            load_pf(c.customized_model, under(st, f"cust/{c.id}"))
+        serverbase.Server.send_models(srv)  # each client's model again from the synced global and customized models
+
+    return AlgoSpec("fedcac", "FedCAC", "servercac.FedCAC", ff_params={"tau": 0.5, "beta": 2},
+                    pf_args={"tau": 0.5, "beta": 2.0}, pf_send=pf_send, pf_aggregate=pf_aggregate,
+                    pf_client_view=pf_client, ff_client_view=ff_client, pf_server_view=pf_server,
+                    ff_server_view=lambda h, st: dict(st), pf_sync=pf_sync)
+
+
+def fedas_spec(all_samples: bool = True):
+    """FedAS with the authors' alignment (one epoch, rate 0.01, batches of 16: hard-coded in PFLlib's clientas.py,
+    fedforge's defaults) and Fisher-weighted aggregation. Before a client adopts the received extractor, PFLlib reads
+    its loader twice: once for the local prototypes, once for the alignment epoch; PFLlib is handed fedforge's
+    alignment batches for the second. The prototypes are class means over all training samples in fedforge, over a
+    drop_last pass in PFLlib (documented in fedas.py): ``all_samples`` hands PFLlib every sample for that pass, else
+    its drop_last pass. Compared: each client's model and Fisher trace; the server's extractor (PFLlib averages the
+    whole model, but no client ever loads its head)."""
+
+    def pf_send(h, srv, r):
+        for c in srv.clients:
+            protos = full_pass(h, c.id) if all_samples else drop_last_pass(h, c.id, 16)
+            h.feeders[c.id].put([protos, h.batches[c.id].pop(0)])
+        srv.send_selected_models([c.id for c in srv.clients], r - 1)
+
+    def pf_aggregate(h, srv, r):
+        srv.receive_models()
+        srv.aggregate_wrt_fisher()
+
+    def pf_client(h, c):
+        return {**pf_params(c.model), "fim": torch.tensor(c.fim_trace_history[-1])}
+
+    def ff_client(h, u):
+        return {**model_entries(u.state), "fim": u.upload["fim"]}
+
+    def pf_sync(h, srv, st):
+        with torch.no_grad():
+            for n, p in srv.global_model.named_parameters():
+                if n.startswith("base."):
+                    p.copy_(st[ff_name(n)])
+
+    return AlgoSpec("fedas", "FedAS", "serveras.FedAS", pf_send=pf_send, pf_train=lambda h, c, r: c.train(True),
+                    pf_aggregate=pf_aggregate, pf_client_view=pf_client, ff_client_view=ff_client,
+                    pf_server_view=lambda h, srv: body(pf_params(srv.global_model)),
+                    ff_server_view=lambda h, st: model_entries(st), pf_sync=pf_sync)
+
+
+def fedcross_spec(select: str = "lowest", shadowed: bool = True):
+    """FedCross with α = 0.99 and no warm-up (PFLlib's -ca, -fsb defaults) on both sides; ``select`` is the
+    collaborator choice (lowest: PFLlib's default -cmss 1; in_order: -cmss 0). PFLlib's client at position i of the
+    round's (randomly ordered) selection trains middleware model i; PFLlib's clients are taken in the order of the
+    slots fedforge dispatched (its random permutation), so each trains the same model as in fedforge. The rest is
+    PFLlib's train() after its client loop, where its round variable is shadowed by the loop's last index K − 1
+    (documented in fedcross.py): that index goes into its warm-up bound (-fsb 0: cross-aggregate either way) and its
+    in-order offset; ``shadowed=False`` hands it fedforge's round t instead (t counts from 1, PFLlib's rounds from 0).
+    PFLlib's similarity table (recorded as ``h.pf_sim``) counts the head's pair of entries twice (documented); it is
+    handed to PFLlib's cross_aggregation as it is. Compared: each trained middleware model; the global model and
+    every cross-aggregated middleware model."""
+    strategy = {"in_order": 0, "lowest": 1, "highest": 2}[select]
+
+    def pf_train(h, c, r):
+        srv, j = h.pf, h.algo.slot(c.id, r)
+        c.set_parameters(srv.w_locals[j])
+        c.train()
+        c.clone_model(c.model, srv.w_locals[j])
+
+    def pf_aggregate(h, srv, r):
+        srv.selected_clients = sorted(srv.clients, key=lambda c: h.algo.slot(c.id, r))
+        srv.receive_models()
+        srv.aggregate_parameters()
+        sim_tab, _ = srv.calculate_similarity()
+        h.pf_sim = [[float(s) for s in row] for row in sim_tab]
+        i = len(srv.selected_clients) - 1 if shadowed else r  # PFLlib's train(): the client loop's last index
+        if i >= srv.first_stage_bound:
+            srv.w_locals = srv.cross_aggregation(i, sim_tab)
+        else:
+            for m in srv.w_locals:
+                for p, g in zip(m.parameters(), srv.global_model.parameters()):
+                    p.data = g.data.clone()
+
+    def pf_server(h, srv):
+        return {**pf_params(srv.global_model),
+                **{k: v for j, m in enumerate(srv.w_locals) for k, v in prefixed(pf_params(m), f"mw/{j}").items()}}
+
+    def pf_sync(h, srv, st):
+        load_pf(srv.global_model, model_entries(st))
+        for j, m in enumerate(srv.w_locals):
+            load_pf(m, under(st, f"mw/{j}"))
+
+    return AlgoSpec("fedcross", "FedCross", "servercross.FedCross",
+                    ff_params={"alpha": 0.99, "select": select, "warmup_rounds": 0},
+                    pf_args={"fedcross_alpha": 0.99, "collaberative_model_select_strategy": strategy,
+                             "first_stage_bound": 0},
+                    pf_send=lambda h, srv, r: None, pf_train=pf_train, pf_aggregate=pf_aggregate,
+                    pf_server_view=pf_server, ff_server_view=lambda h, st: dict(st), pf_sync=pf_sync)
+
+
+def run_fedcross(data):
+    """FedCross (lowest-similarity collaborators): clients and server equal in both rounds, and PFLlib's similarity
+    of two middleware models is fedforge's (the sum of the layers' cosines) plus the head's cosine once more: its
+    double-counted last pair is the whole difference, and here it does not change any collaborator."""
+    from fedforge.algorithms.fedcross import model_similarity
+
+    h = Harness(fedcross_spec(), *data)
+    try:
+        for rnd in (1, 2):
+            r = h.round(rnd)
+            for cid, (pf, ff) in r.clients.items():
+                assert_same(pf, ff, f"fedcross, round {rnd}, client {cid} after its local update")
+            assert_same(*r.server, f"fedcross, round {rnd}, server after aggregation")
+            trained = {h.algo.slot(cid, rnd): model_entries(u.upload) for cid, u in r.updates.items()}
+            for k in trained:
+                for j in trained:
+                    if j < k:
+                        a, b = trained[k], trained[j]
+                        head = torch.nn.functional.cosine_similarity(
+                            torch.cat([a["head.weight"].flatten(), a["head.bias"]]).double(),
+                            torch.cat([b["head.weight"].flatten(), b["head.bias"]]).double(), dim=0)
+                        ff = model_similarity(a, b, h.algo.groups) + float(head)
+                        assert abs(h.pf_sim[k][j] - ff) <= 1e-5 * abs(ff), (rnd, k, j, h.pf_sim[k][j], ff)
+            h.sync()
+    finally:
+        h.close()
+
+
+
+
 SPECS = {  # algorithms whose rounds fit step_equivalence as they are
     "fedavg": lambda: AlgoSpec("fedavg", "FedAvg", "serveravg.FedAvg"),
     # mu = 1 (the top of the paper's grid) on both sides; PFLlib's default 0 would make it FedAvg
@@ -819,15 +985,18 @@ SPECS = {  # algorithms whose rounds fit step_equivalence as they are
     "fedmtl": fedmtl_spec,
     "fedphp": fedphp_spec,
     "fedntd": fedntd_spec,
+    "fedcac": fedcac_spec,
     "pflda": pflda_spec,
     "fedlc": fedlc_spec,
+    "fedas": fedas_spec,
 }
 
-CUSTOM = {"feddbe": run_feddbe, "apfl": run_apfl, "fedamp": run_fedamp, "fedfomo": run_fedfomo, "apple": run_apple}
+CUSTOM = {"feddbe": run_feddbe, "apfl": run_apfl, "fedamp": run_fedamp, "fedfomo": run_fedfomo, "apple": run_apple,
+          "fedcross": run_fedcross}
 
 ORDER = ["fedavg", "fedprox", "local", "scaffold", "feddyn", "moon", "fedbn", "fedper", "fedrep", "fedbabu", "lgfedavg",
          "fedrod", "ditto", "fedala", "fedcp", "gpfl", "feddbe", "apfl", "per_fedavg", "pfedme", "fedamp", "fedfomo",
-         "apple", "fedmtl", "fedphp", "fedntd", "pflda", "fedlc"]
+         "apple", "fedmtl", "fedphp", "fedntd", "fedcac", "pflda", "fedlc", "fedas", "fedcross"]
 assert set(ORDER) == set(SPECS) | set(CUSTOM)
 
 RUNS = {name: CUSTOM.get(name) or (lambda data, f=SPECS[name]: step_equivalence(f(), data)) for name in ORDER}

@@ -26,6 +26,9 @@ from tests.reference.pfllib_specs import (
     RUNS,
     drop_last_pass,
     fedamp_spec,
+    fedas_spec,
+    fedcac_spec,
+    fedcross_spec,
     feddyn_spec,
     fedlc_spec,
     fedmtl_spec,
@@ -158,3 +161,21 @@ def test_fedlc_margins_are_pfllibs_only_with_global_counts_of_every_sample(data)
 def test_pflda_penalty_is_what_pfllib_leaves_out(data):
     """PFLlib's penalty on .data has no gradient; fedforge's λ = 1 acts on the personal head (the uploads agree)."""
     differs(pflda_spec(lam=1.0), data, "round 1, client 0 after its local update")
+
+
+def test_fedcac_differs_from_pfllib_only_by_the_first_customization(data):
+    """Left alone, PFLlib skips the customization after its first round (the critical entries then come from the
+    initial weights): the clients agree, the customized models do not."""
+    differs(fedcac_spec(customize_first=False), data, "round 1, server after aggregation")
+
+
+def test_fedas_differs_from_pfllib_only_by_the_prototype_pass(data):
+    """Prototypes over PFLlib's drop_last pass (batches of 16) instead of every sample: another alignment."""
+    differs(fedas_spec(all_samples=False), data, "round 1, client 0 after its local update")
+
+
+def test_fedcross_in_order_offset(data):
+    """In-order collaborators: PFLlib's shadowed round variable gives the offset 1 in every round (round 1 then
+    differs); handed fedforge's round t (counted from 1), its cross_aggregation agrees in both rounds."""
+    differs(fedcross_spec("in_order"), data, "round 1, server after aggregation")
+    step_equivalence(fedcross_spec("in_order", shadowed=False), data)

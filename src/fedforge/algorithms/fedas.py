@@ -22,7 +22,8 @@ Deliberate differences from PFLlib (``clientas.py``/``serveras.py``): only the e
 (PFLlib uploads and averages whole models, but no client ever loads the averaged head); the Fisher trace is computed
 by the round's clients only (PFLlib also computes it for every other client, and only prints it); prototypes are
 class means over all the client's training samples in eval mode (PFLlib: a shuffled pass that drops the last
-incomplete batch); when every trace is zero the average falls back to sample weights.
+incomplete batch); when every trace is zero the average falls back to sample weights. With PFLlib's prototypes over
+every sample, two rounds equal PFLlib's (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedas]``).
 """
 from __future__ import annotations
 

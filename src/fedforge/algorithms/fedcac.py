@@ -25,6 +25,8 @@ Deliberate differences from PFLlib (``servercac.py``): PFLlib skips the customiz
 the critical parameters of round-1 clients are then taken from their *initial* weights; here every round,
 including the first, customizes with θ_t = ō + (t/β)(o_max − ō) (as the authors' Fling code does). Buffers (e.g.
 BatchNorm statistics) come from the global model. A round with one client customizes nothing (PFLlib: NaN threshold).
+With PFLlib's server customizing after its first round too, two rounds equal PFLlib's (``tests/reference/test_pfllib_step.py``,
+``test_step_equivalence[fedcac]``).
 """
 from __future__ import annotations
 

@@ -29,7 +29,11 @@ Deliberate differences from PFLlib (``servercross.py``): the round variable ther
 index, so the warm-up bound and the in-order offset use K − 1 instead of the round (the in-order collaborator is
 always j + 1); its similarity pairs consecutive state-dict entries and counts the last pair twice, and its
 highest-similarity search can return the model itself; PFLlib's "global" evaluation scores each client's last
-locally trained model, here the global model is evaluated.
+locally trained model, here the global model is evaluated. Rounds count from 1 here and from 0 in PFLlib, so the
+in-order schedule starts at offset 2 (K > 2), where PFLlib's unshadowed code would start at 1. With PFLlib's
+defaults (lowest similarity, no warm-up) one round's client and server steps equal PFLlib's, its double-counted head
+changing no collaborator in the test's federation (``tests/reference/test_pfllib_step.py``,
+``test_step_equivalence[fedcross]``).
 """
 from __future__ import annotations
 
