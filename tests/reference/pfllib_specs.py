@@ -12,8 +12,12 @@ on PFLlib's side (and a test in test_pfllib_step.py shows that without it the tw
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
+import numpy as np
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from fedforge.core.messages import model_entries, under
 from tests.reference.pfllib_shim import (
@@ -958,6 +962,192 @@ def run_fedcross(data):
 
 
 
+def in_class_order(protos: dict) -> dict:
+    """A PFLlib prototype dict (a defaultdict(list) keyed by class) with its keys in class order."""
+    from collections import defaultdict
+
+    return defaultdict(list, sorted(protos.items()))
+
+
+def held_classes(data):
+    """The tiny federation with its labels renumbered over the classes that occur in it (its 200 MNIST samples hold
+    6 of the 10 digits), so that every class has a prototype: PFLlib's FedPCL stops at an assertion in its client
+    when a class has none (fedforge leaves such a class out of the softmax; documented in fedpcl.py)."""
+    ds, part = data
+    present = np.unique(ds.y)
+    assert set(np.concatenate([ds.y[t] for t in part.train]).tolist()) == set(present.tolist())
+    rank = np.zeros(ds.num_classes, dtype=np.int64)
+    rank[present] = np.arange(len(present))
+    return replace(ds, y=rank[ds.y], num_classes=len(present), name=f"{ds.name}[{len(present)} classes]"), part
+
+
+def fedpcl_spec(class_order: bool = True, all_samples: bool = True):
+    """FedPCL with τ = 0.07 (the paper's, fedforge's default; PFLlib's -tau 1) on both sides and PFLlib's model (its
+    FedAvgCNN with fc = Identity, fedforge's extractor weights). Two documented differences are aligned on PFLlib's
+    side: ``class_order`` puts the global and every client's prototype dict in class order (PFLlib stacks prototypes
+    in the order their classes were first seen, and a client's padded classes after its own, so its cross-entropy
+    targets index the wrong columns); ``all_samples`` hands PFLlib's collect_protos every training sample (its pass
+    drops the last incomplete batch). Round 1 only collects prototypes; round 2 trains against them. Compared: each
+    client's extractor and prototypes; the global prototypes and every client's (padded) set."""
+    serverpcl = import_pfllib("flcore.servers.serverpcl")
+
+    def pf_model(h):
+        model = import_pfllib("flcore.trainmodel.models").FedAvgCNN(in_features=1, num_classes=h.ds.num_classes, dim=1024)
+        model.fc = nn.Identity()
+        load_pf(model, h.init_weights)
+        return model
+
+    def pf_setup(h):
+        if class_order:
+            aggregate, padding = serverpcl.proto_aggregation, serverpcl.FedPCL.prototype_padding
+
+            def padded_in_order(srv):
+                padding(srv)
+                srv.client_protos_set = [in_class_order(p) for p in srv.client_protos_set]
+
+            h.patch(serverpcl, "proto_aggregation", lambda protos: in_class_order(aggregate(protos)))
+            h.patch(serverpcl.FedPCL, "prototype_padding", padded_in_order)
+
+    def pf_train(h, c, r):
+        h.feeders[c.id].put([full_pass(h, c.id) if all_samples else drop_last_pass(h, c.id)])  # for collect_protos
+        c.train()
+
+    def pf_aggregate(h, srv, r):
+        srv.receive_protos()
+        srv.global_protos = serverpcl.proto_aggregation(srv.uploaded_protos)
+        srv.prototype_padding()
+        srv.send_protos()
+
+    def pf_client(h, c):
+        return {**pf_params(c.model), **{f"proto/{k}": v.clone() for k, v in c.protos.items()}}
+
+    def ff_client(h, u):
+        return {**body(model_entries(u.state)), **u.upload}
+
+    def pf_server(h, srv):
+        return {**{f"gproto/{k}": v.clone() for k, v in srv.global_protos.items() if not isinstance(v, list)},
+                **{f"cproto/{j}/proto/{k}": v.clone() for j, p in enumerate(srv.client_protos_set) for k, v in p.items()
+                   if not isinstance(v, list)}}
+
+    def ff_server(h, st):  # the sets fedforge's clients train against: the global one, every client's filled in
+        sets, valid = h.algo.prototype_sets(st, "cpu")
+        classes = torch.nonzero(valid).flatten().tolist()
+        return {**{f"gproto/{k}": sets[0][k] for k in classes},
+                **{f"cproto/{j}/proto/{k}": sets[1 + j][k] for j in range(h.ctx.num_clients) for k in classes}}
+
+    return AlgoSpec("fedpcl", "FedPCL", "serverpcl.FedPCL", ff_params={"tau": 0.07, "max_grad_norm": 10.0},
+                    pf_args={"tau": 0.07}, pf_model=pf_model, pf_setup=pf_setup, pf_send=lambda h, srv, r: None,
+                    pf_train=pf_train, pf_aggregate=pf_aggregate, pf_client_view=pf_client, ff_client_view=ff_client,
+                    pf_server_view=pf_server, ff_server_view=ff_server, pf_sync=lambda h, srv, st: None)
+
+
+def run_fedpcl(data):
+    step_equivalence(fedpcl_spec(), held_classes(data))
+
+
+class _RowsOnly(nn.Linear):
+    """A client's head as the aligned PFLlib FedGC server keeps it: rows and bias, but the server's regulariser (which
+    calls ``head(e_c)``) sees the rows alone, as fedforge's correction does."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight)
+
+
+def fedgc_spec(bias: bool = True):
+    """FedGC with λ = 1 (PFLlib's default -lam, fedforge's: server rate = local rate) on both sides. PFLlib's clients
+    find their classes in one pass of their loader when they are built (handed every training sample: its drop_last
+    pass can miss a rare class, whose samples it then trains as its first class) and replace the head by one without
+    bias holding their classes' rows (given fedforge's initial rows). fedforge's head keeps its bias, trained locally
+    but not corrected (documented in fedgc.py): ``bias`` gives PFLlib's client heads fedforge's initial bias of their
+    classes, its server keeps each client's bias with its rows (its receive_models copies the rows only) and leaves
+    the bias out of its regulariser. Compared: each client's extractor, rows, bias and classes; the averaged extractor
+    and every client's corrected rows (and bias)."""
+    clientgc = import_pfllib("flcore.clients.clientgc")
+    servergc = import_pfllib("flcore.servers.servergc")
+
+    def pf_pre_build(h):
+        h.patch(clientgc.clientGC, "load_train_data", lambda self, batch_size=None: full_pass(h, self.id))
+
+    def pf_setup(h):
+        srv, w0, b0 = h.pf, h.init_weights["head.weight"], h.init_weights["head.bias"]
+        for c in srv.clients:
+            rows = c.classes_index
+            head = nn.Linear(w0.shape[1], len(rows), bias=bias)
+            kept = _RowsOnly(w0.shape[1], len(rows), bias=bias)
+            with torch.no_grad():
+                for m in (head, kept):
+                    m.weight.copy_(w0[rows])
+                    if bias:
+                        m.bias.copy_(b0[rows])
+            c.model.head = head
+            c.optimizer = torch.optim.SGD(c.model.parameters(), lr=c.learning_rate)
+            srv.client_heads[c.id] = kept if bias else head.__class__(w0.shape[1], len(rows), bias=False)
+            if not bias:
+                srv.client_heads[c.id].load_state_dict(head.state_dict())
+            srv.opt_client_heads[c.id] = torch.optim.SGD(srv.client_heads[c.id].parameters(), lr=srv.server_learning_rate)
+        if bias:
+            receive = servergc.FedGC.receive_models
+
+            def receive_with_bias(srv):
+                receive(srv)
+                for cid in srv.uploaded_ids:
+                    srv.client_heads[cid].bias.data = srv.clients[cid].model.head.bias.data.clone()
+
+            h.patch(servergc.FedGC, "receive_models", receive_with_bias)
+
+    def rows_of(h, cid):
+        return h.pf.clients[cid].classes_index
+
+    def head_view(w, b, rows, prefix=""):
+        return {f"{prefix}head.weight": w[rows], **({f"{prefix}head.bias": b[rows]} if bias else {})}
+
+    def pf_client(h, c):
+        classes = torch.zeros(h.ctx.num_classes)
+        classes[c.classes_index] = 1
+        head = c.model.head
+        return {**pf_params(c.model.base, "base"), "head.weight": head.weight.detach().clone(),
+                **({"head.bias": head.bias.detach().clone()} if bias else {}), "classes": classes}
+
+    def ff_client(h, u):
+        rows = rows_of(h, u.cid)
+        return {**body(model_entries(u.upload)), **head_view(u.upload["head.weight"], u.upload["head.bias"], rows),
+                "classes": u.upload["classes"].float()}
+
+    def pf_server(h, srv):
+        out = pf_params(srv.global_model, "base")
+        for c in srv.clients:
+            out[f"head/{c.id}/head.weight"] = srv.client_heads[c.id].weight.detach().clone()
+            if bias:
+                out[f"head/{c.id}/head.bias"] = srv.client_heads[c.id].bias.detach().clone()
+        return out
+
+    def ff_server(h, st):
+        out = body(model_entries(st))
+        for cid in range(h.ctx.num_clients):
+            out.update(head_view(st[f"head/{cid}/head.weight"], st[f"head/{cid}/head.bias"], rows_of(h, cid),
+                                 f"head/{cid}/"))
+        return out
+
+    def pf_sync(h, srv, st):
+        load_pf(srv.global_model, st, "base")
+        with torch.no_grad():
+            for cid, head in enumerate(srv.client_heads):
+                rows = rows_of(h, cid)
+                head.weight.copy_(st[f"head/{cid}/head.weight"][rows])
+                if bias:
+                    head.bias.copy_(st[f"head/{cid}/head.bias"][rows])
+
+    def pf_aggregate(h, srv, r):
+        srv.receive_models()
+        srv.aggregate_parameters()
+        srv.reg_train()
+
+    return AlgoSpec("fedgc", "FedGC", "servergc.FedGC", ff_params={"lam": 1.0}, pf_args={"lamda": 1.0}, pf_part="base",
+                    pf_pre_build=pf_pre_build, pf_setup=pf_setup, pf_aggregate=pf_aggregate,
+                    pf_client_view=pf_client, ff_client_view=ff_client, pf_server_view=pf_server,
+                    ff_server_view=ff_server, pf_sync=pf_sync)
+
+
 SPECS = {  # algorithms whose rounds fit step_equivalence as they are
     "fedavg": lambda: AlgoSpec("fedavg", "FedAvg", "serveravg.FedAvg"),
     # mu = 1 (the top of the paper's grid) on both sides; PFLlib's default 0 would make it FedAvg
@@ -989,14 +1179,15 @@ SPECS = {  # algorithms whose rounds fit step_equivalence as they are
     "pflda": pflda_spec,
     "fedlc": fedlc_spec,
     "fedas": fedas_spec,
+    "fedgc": fedgc_spec,
 }
 
 CUSTOM = {"feddbe": run_feddbe, "apfl": run_apfl, "fedamp": run_fedamp, "fedfomo": run_fedfomo, "apple": run_apple,
-          "fedcross": run_fedcross}
+          "fedcross": run_fedcross, "fedpcl": run_fedpcl}
 
 ORDER = ["fedavg", "fedprox", "local", "scaffold", "feddyn", "moon", "fedbn", "fedper", "fedrep", "fedbabu", "lgfedavg",
          "fedrod", "ditto", "fedala", "fedcp", "gpfl", "feddbe", "apfl", "per_fedavg", "pfedme", "fedamp", "fedfomo",
-         "apple", "fedmtl", "fedphp", "fedntd", "fedcac", "pflda", "fedlc", "fedas", "fedcross"]
+         "apple", "fedmtl", "fedphp", "fedntd", "fedcac", "pflda", "fedlc", "fedas", "fedcross", "fedgc", "fedpcl"]
 assert set(ORDER) == set(SPECS) | set(CUSTOM)
 
 RUNS = {name: CUSTOM.get(name) or (lambda data, f=SPECS[name]: step_equivalence(f(), data)) for name in ORDER}

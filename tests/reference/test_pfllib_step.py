@@ -30,10 +30,13 @@ from tests.reference.pfllib_specs import (
     fedcac_spec,
     fedcross_spec,
     feddyn_spec,
+    fedgc_spec,
     fedlc_spec,
     fedmtl_spec,
     fedntd_spec,
+    fedpcl_spec,
     gpfl_spec,
+    held_classes,
     partial_spec,
     pfedme_spec,
     pflda_spec,
@@ -179,3 +182,24 @@ def test_fedcross_in_order_offset(data):
     differs); handed fedforge's round t (counted from 1), its cross_aggregation agrees in both rounds."""
     differs(fedcross_spec("in_order"), data, "round 1, server after aggregation")
     step_equivalence(fedcross_spec("in_order", shadowed=False), data)
+
+
+def test_fedpcl_differs_from_pfllib_only_by_the_documented_choices(data):
+    """Without prototypes in class order (round 2 then trains against the wrong columns), or with PFLlib's drop_last
+    prototype pass, the two differ; with a class that no client holds PFLlib's client stops at its assertion."""
+    held = held_classes(data)
+    differs(fedpcl_spec(class_order=False), held, "round 2, client 0 after its local update")
+    differs(fedpcl_spec(all_samples=False), held, "round 1, client 0 after its local update")
+    h = Harness(fedpcl_spec(), *data)  # 10 classes, 4 of them held by no client
+    try:
+        h.round(1)
+        with pytest.raises(AssertionError) as e:
+            h.round(2)
+        assert e.traceback[-1].path.name == "clientpcl.py"
+    finally:
+        h.close()
+
+
+def test_fedgc_differs_from_pfllib_only_by_the_bias(data):
+    """PFLlib's FedGC heads have no bias; fedforge's keep theirs (trained locally): the updates differ."""
+    differs(fedgc_spec(bias=False), data, "round 1, client 0 after its local update")

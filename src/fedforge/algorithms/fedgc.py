@@ -22,7 +22,11 @@ Deliberate differences from PFLlib (``clientgc.py``/``servergc.py``): the regula
 form (PFLlib's exp(e·e) overflows once ‖e‖² > 88); the head keeps its bias, trained locally but not corrected
 (PFLlib's FedGC heads have no bias); test samples of classes the client does not hold count as errors (PFLlib maps
 them to its first class); only clients that have uploaded take part in the correction (PFLlib knows every client's
-classes and initial rows from the start, which only matters before every client has taken part once).
+classes and initial rows from the start, which only matters before every client has taken part once). PFLlib
+finds a client's classes in one shuffled pass of its drop_last loader, so a class whose few samples all fall in the
+dropped last batch is missed, and its samples are then trained as the client's first class (``index_classes``
+defaults to 0); here a client's classes are those of all its training samples. With the bias aligned, one round's
+client and server steps equal PFLlib's (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedgc]``).
 """
 from __future__ import annotations
 

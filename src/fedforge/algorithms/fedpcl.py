@@ -23,6 +23,8 @@ columns unless that order happens to be 0 … C−1); a class without a global p
 evaluated before it has prototypes uses those of its current model (PFLlib reports 0 accuracy); prototypes average
 every training sample in eval mode (PFLlib: a shuffled pass that drops the last incomplete batch). The authors' loss is a
 supervised contrastive loss over two augmented views; here, as in PFLlib, one view and a prototype cross-entropy.
+With PFLlib's prototypes in class order and over every sample, and every class held by a client, two rounds equal
+PFLlib's (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedpcl]``).
 """
 from __future__ import annotations
 
