@@ -5,7 +5,8 @@ oracle: this module imports and runs it, it copies none of its code. What it pro
 
 * :func:`pfllib` / :func:`import_pfllib` — PFLlib importable (``flcore``, ``utils`` from its ``system`` folder), or
   the test skipped with the reason. Of PFLlib's optional imports only ``h5py`` (``serverbase`` imports it at module
-  level) is needed; ``cvxpy`` (FedPAC) and ``calmsize`` (``main.py``'s memory reporter) are never imported here.
+  level) is needed; ``cvxpy`` only by FedPAC's case (its server imports it; skipped without it), and ``calmsize``
+  (``main.py``'s memory reporter) is never imported here.
 * :func:`pfllib_args` — an ``args`` namespace with every default of PFLlib's ``main.py`` (read from its argparse
   calls), plus the harness's settings (CPU, the federation's size, the model).
 * :func:`pfllib_cnn` — PFLlib's ``FedAvgCNN``, wrapped in ``BaseHeadSplit`` exactly when ``main.py`` wraps it for

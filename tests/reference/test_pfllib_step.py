@@ -34,6 +34,7 @@ from tests.reference.pfllib_specs import (
     fedlc_spec,
     fedmtl_spec,
     fedntd_spec,
+    fedpac_spec,
     fedpcl_spec,
     gpfl_spec,
     held_classes,
@@ -203,3 +204,43 @@ def test_fedpcl_differs_from_pfllib_only_by_the_documented_choices(data):
 def test_fedgc_differs_from_pfllib_only_by_the_bias(data):
     """PFLlib's FedGC heads have no bias; fedforge's keep theirs (trained locally): the updates differ."""
     differs(fedgc_spec(bias=False), data, "round 1, client 0 after its local update")
+
+
+def test_fedpac_differs_from_pfllib_only_by_the_documented_choices(data):
+    """PFLlib's in-place head combination (later clients mix heads already combined) makes the combined heads differ;
+    its drop_last passes make the statistics and prototypes differ."""
+    differs(fedpac_spec(heads_apart=False), data, "round 1, server after aggregation")
+    differs(fedpac_spec(all_samples=False), data, "round 1, client 0 after its local update")
+
+
+def test_fedpac_quadratic_program_against_pfllibs_cvxpy():
+    """fedforge's head weights (Clarabel) against PFLlib's solve_quadratic (cvxpy and its default solver) on the same
+    statistics: equal on random statistics of four clients, and where a weight falls below 10⁻³ PFLlib zeroes it
+    without renormalising (its weights sum to less than 1), fedforge renormalises; then equal up to that scale."""
+    import numpy as np
+
+    from fedforge.algorithms.fedpac import combination_weights
+
+    pfllib()
+    pytest.importorskip("cvxpy", reason="PFLlib's FedPAC server imports cvxpy; pip install cvxpy")
+    pytest.importorskip("clarabel", reason="fedforge's FedPAC solves with Clarabel; pip install clarabel")
+    from tests.reference.pfllib_shim import import_pfllib, quiet
+
+    solve = import_pfllib("flcore.servers.serverpac").solve_quadratic
+    gen = torch.Generator().manual_seed(0)
+    cases = [((torch.rand(4, generator=gen) * 0.5 + 0.1).tolist(), [torch.randn(3, 5, generator=gen) * 0.3 for _ in range(4)])
+             for _ in range(3)]
+    far = torch.zeros(1, 2)
+    far[0, 0] = 1500 ** 0.5  # client 2's H is far from client 0's (‖ΔH‖² = 1500), client 1's equals it
+    cases.append(([1.0, 1.0, 1.0], [torch.zeros(1, 2), torch.zeros(1, 2), far]))
+    for v, hs in cases:
+        with quiet():
+            pf = solve(len(v), v, hs)
+        for i, a in enumerate(pf):
+            ff = combination_weights(np.array(v), np.stack([h.double().numpy() for h in hs]), i)
+            a = np.asarray(a, dtype=np.float64)
+            np.testing.assert_allclose(a / a.sum(), ff, rtol=1e-5, atol=1e-6)
+    first = np.asarray(pf[0], dtype=np.float64)  # the constructed case, client 0: weights ∝ (1, 1, 1/1501)
+    assert first[2] == 0 and first.sum() < 1 - 1e-4
+    np.testing.assert_allclose(combination_weights(np.ones(3), np.stack([h.double().numpy() for h in hs]), 0),
+                               [0.5, 0.5, 0.0], atol=1e-7)

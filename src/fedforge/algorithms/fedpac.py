@@ -31,6 +31,11 @@ Deliberate differences from PFLlib (``clientpac.py``/``serverpac.py``): the weig
 others renormalised* (PFLlib zeroes them only, so its weights may sum to slightly less than 1); a client whose
 program fails keeps its own trained head (PFLlib indexes the uploaded heads by client id there); prototypes and
 statistics use every training sample in eval mode (PFLlib: a shuffled pass dropping the last incomplete batch).
+PFLlib defect (found by the step test): its uploaded heads are the clients' own head modules, and it writes each
+client's combined head into that client's model before combining the next client's, so a later client mixes heads
+already combined this round; here every combination mixes the heads as trained. With these aligned, one round's
+client and server steps equal PFLlib's (``tests/reference/test_pfllib_step.py``, ``test_step_equivalence[fedpac]``;
+PFLlib's QP through cvxpy, whose weights agree with Clarabel's to 1e-5).
 """
 from __future__ import annotations
 
