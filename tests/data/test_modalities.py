@@ -298,3 +298,15 @@ def test_heterogeneous_groups_run(tmp_path, modality, group, algorithm):
                        lr=0.05, batch_size=10, seed=0, run_dir=False, progress=False)
     accs = [r["personalized_acc"] for r in res.records if r.get("personalized_acc") is not None]
     assert len(accs) == 3 and all(math.isfinite(a) for a in accs) and accs[-1] > 1 / 3, accs
+
+
+@pytest.mark.parametrize("model", ["gru", "fasttext"])
+def test_vectorized_executor_on_token_models(tmp_path, model):
+    """Recurrent layers cannot be vmapped: the vectorized executor trains and evaluates them one client at a time;
+    either way its result is the sequential one."""
+    ids, y, lengths = make_tokens(120)
+    path = write_cache(tmp_path / "t.npz", ids, y, vocab_size=60, lengths=lengths)
+    accs = [fedforge.run(dataset=f"npz:{path}", algorithm="fedavg", model=model, clients=3, rounds=1, lr=0.05,
+                         executor=ex, seed=0, run_dir=False, progress=False).records[-1]["global_acc"]
+            for ex in ("sequential", "vectorized")]
+    assert accs[0] == accs[1]

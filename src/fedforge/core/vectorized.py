@@ -59,6 +59,8 @@ def why_not_vectorized(algo: Any, model: torch.nn.Module) -> str | None:
         return f"{algo.name} trains with its own loss, which the vectorized update does not express"
     if any(True for _ in model.buffers()):
         return f"model {getattr(model, 'arch', '')} has buffers (BatchNorm statistics) that vmap cannot update per client"
+    if any(isinstance(m, torch.nn.RNNBase) for m in model.modules()):
+        return f"model {getattr(model, 'arch', '')} has recurrent layers (LSTM/GRU), which vmap cannot batch"
     return None
 
 

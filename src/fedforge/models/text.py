@@ -45,13 +45,13 @@ PAD = 0
 def text_lengths(ids: torch.Tensor) -> torch.Tensor:
     """Length of each text: the position of its last non-padding id + 1 (at least 1)."""
     pos = torch.arange(1, ids.shape[1] + 1, device=ids.device)
-    return ((ids != PAD).long() * pos).amax(dim=1).clamp_(min=1)
+    return ((ids != PAD).long() * pos).amax(dim=1).clamp(min=1)
 
 
 def masked_mean(emb: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """Mean of ``emb`` (N, L, d) over the non-padding positions of ``ids`` (N, L)."""
     keep = (ids != PAD).unsqueeze(-1).to(emb.dtype)
-    return (emb * keep).sum(1) / keep.sum(1).clamp_(min=1.0)
+    return (emb * keep).sum(1) / keep.sum(1).clamp(min=1.0)
 
 
 def _length(input_shape: tuple[int, ...], name: str) -> int:
