@@ -46,6 +46,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(f"finished {cfg.rounds} rounds in {s['wall_seconds']:.1f}s ({s['seconds_per_round']:.2f}s/round)")
     for label in ("best", "last", "mean_last5"):
         print(f"  {label:<10} global_acc={fmt(s[label].get('global_acc'))}  personalized_acc={fmt(s[label].get('personalized_acc'))}")
+    if s.get("new_clients"):  # --new-clients: the unseen clients, before and after fine-tuning the global model
+        nc = s["new_clients"]
+        print(f"  new clients {', '.join(map(str, nc['clients']))}: acc before={fmt(nc['before'])}  after "
+              f"{nc['fine_tune_epochs']} fine-tuning epoch(s)={fmt(nc['after'])}")
     print(f"results: {res.path}")
     return 0
 
