@@ -174,7 +174,8 @@ def client_main(args: argparse.Namespace) -> int:
     if "CERTIFICATE_VERIFY_FAILED" in text:
         raise ConfigError(f"the SuperLink at {args.superlink} presents a TLS certificate that --root-certificates "
                           f"{args.root_certificates} does not verify; give the CA certificate that signed it.")
-    if "Failed to activate SuperNode" in text or "code: 2004" in text or "Failed to register" in text:
+    if any(m in text for m in ("Failed to activate SuperNode", "code: 2004", "Failed to register", "code: 2001",
+                                "must be registered")):
         how = ("register the node's public key with `flwr supernode register KEY.pub`" if args.auth_key else
                "this SuperLink authenticates its SuperNodes: give --auth-key with a registered key")
         raise ConfigError(f"the SuperLink at {args.superlink} refused this SuperNode; {how}.")
