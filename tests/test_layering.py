@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"generative"},
     {"algorithms"},
     {"integrations", "synth"},
-    {"sweep", "cli", "__init__", "__main__"},
+    {"sweep", "quickstart", "cli", "__init__", "__main__"},
 ]
 # sub-commands live with the package that owns them but compose like the tool itself
 TOP = {"fedforge.generative.cli", "fedforge.synth.cli"}
