@@ -13,8 +13,9 @@ import torch.nn as nn
 from fedforge.errors import ConfigError
 from fedforge.models import GROUPS, MODELS, create_model, resolve_architectures
 from fedforge.models.zoo import models_for
+from tests.reference.htfllib_shim import reference_root
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared" / "reference-code"
+REFERENCE = reference_root()  # ../shared/reference-code, or $FEDFORGE_REFERENCE_CODE
 VOCAB, LENGTH = 50, 16
 
 
