@@ -11,7 +11,7 @@ import torch
 import fedforge
 import fedforge.algorithms  # noqa: F401  (registers fedavg, local, ...)
 from fedforge.core import EXECUTORS, Task
-from fedforge.core.algorithm import Algorithm, register_algorithm, ALGORITHMS
+from fedforge.core.algorithm import ALGORITHMS, register_algorithm
 from fedforge.core.executors import ProcessExecutor, SequentialExecutor, make_executor, schedule, task_threads
 from fedforge.core.runtime import Worker, WorkerSpec
 from fedforge.core.simulation import Simulation
@@ -127,10 +127,8 @@ def test_vectorized_pads_clients_smaller_than_a_batch(baseline):
         torch.testing.assert_close(vec.server[k], seq.server[k], rtol=1e-4, atol=1e-5)
 
 
-class _WithOwnLoss(Algorithm):
-    """FedAvg with a label-smoothed loss: not expressible by the vectorized update."""
-
-    vectorizable = True  # declared, but the loss below is not plain cross-entropy
+class _WithOwnLoss(ALGORITHMS.get("fedavg")):
+    """FedAvg with a label-smoothed loss, without declaring the changed update vectorizable again."""
 
     @staticmethod
     def loss(model, x, y):
@@ -143,7 +141,7 @@ def test_vectorized_falls_back_with_one_notice(caplog):
     with caplog.at_level(logging.WARNING, logger="fedforge"):
         vec = run(algorithm="test-own-loss", executor="vectorized")
     notices = [r.getMessage() for r in caplog.records if "vectorized executor" in r.getMessage()]
-    assert len(notices) == 1 and "own loss" in notices[0] and "one at a time" in notices[0]
+    assert len(notices) == 1 and "changes loss of FedAvg" in notices[0] and "one at a time" in notices[0]
     seq = run(algorithm="test-own-loss")
     assert_identical(seq, vec)  # the fallback is the sequential executor itself
 
@@ -204,14 +202,20 @@ def test_schedule_starts_the_longest_first():
 
 
 def test_process_worker_errors_reach_the_caller():
-    """A failing client task stops the run with the worker's error and traceback, and the pool shuts down."""
+    """A failing evaluation stops the run with the worker's error and traceback; a failing local update comes back as a
+    ClientFailure value carrying the worker's traceback (the round goes on without it); the pool keeps working."""
+    from fedforge.core.faults import ClientFailure
+
     sim = Simulation(fedforge.build_config(overrides=dict(COMMON, rounds=0)), run_dir=False, progress=False)
     ex = ProcessExecutor(workers=1)
     ex.start(WorkerSpec(sim.ds, sim.partition, sim.algo))
     try:
         bad = {"features.9.weight": torch.zeros(1)}  # no such weight: loading it fails in the worker
-        with pytest.raises(RuntimeError, match="client 2's train task .* in process worker 0 failed"):
-            ex.map([Task("train", 2, 1, bad, None)])
+        with pytest.raises(RuntimeError, match="client 2's eval task .* in process worker 0 failed"):
+            ex.map([Task("eval", 2, 1, bad, None)])
+        (failed,) = ex.map([Task("train", 2, 1, bad, None)])
+        assert isinstance(failed, ClientFailure) and failed.kind == "error" and "features.9.weight" in failed.error
+        assert "load" in failed.traceback
         ok = ex.map([Task("eval", 1, 0, sim.algo.init_server(), None)])  # the pool still works afterwards
         assert ok[0].cid == 1
     finally:
