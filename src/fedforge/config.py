@@ -56,6 +56,19 @@ class RunConfig:
                                  ge=0, lt=1)
     server_beta2: float = opt(0.99, "β₂ of --server-opt adam/yogi", ge=0, lt=1)
     server_tau: float = opt(1e-3, "adaptivity τ of --server-opt adagrad/adam/yogi", gt=0)
+    # differential privacy (docs/privacy.md)
+    dp_epsilon: float | None = opt(None, "client-level DP-SGD in every client's local training: the ε each client may "
+                                   "spend over the whole run (Opacus's RDP accountant; leave it out for no DP)", gt=0)
+    dp_delta: float = opt(1e-5, "δ of the DP guarantees (--dp-epsilon and --server-dp-noise)", gt=0, lt=1)
+    dp_max_grad_norm: float = opt(1.0, "DP-SGD: clip norm C of each sample's gradient", gt=0)
+    dp_epochs: int | None = opt(None, "DP-SGD: passes over its data a client makes a round, to calibrate the noise "
+                                "(default: --local-epochs; Ditto makes two, its global and personal models)", ge=1)
+    server_dp_noise: float | None = opt(None, "user-level DP-FedAvg (McMahan et al. 2018): noise multiplier z on the "
+                                        "average of the clipped client updates (leave it out for none)", ge=0)
+    server_dp_clip: float = opt(1.0, "user-level DP: clip norm S of each client's model update (the initial S with "
+                                "--server-dp-quantile)", gt=0)
+    server_dp_quantile: float | None = opt(None, "user-level DP: adaptive clipping to this quantile of the update "
+                                           "norms (Andrew et al. 2021)", gt=0, lt=1)
     eval_every: int = opt(1, "evaluate every N rounds (and after the last)", ge=1)
     eval_batch_size: int = opt(500, "batch size for evaluation", ge=1)
     seed: int = opt(0, "random seed (every round and client draws from its own stream derived from it)", ge=0)
@@ -121,6 +134,7 @@ class RunConfig:
             if given:
                 raise ConfigError(f"{given[0]} belongs to --partition domains (feature shift); add --partition domains, "
                                   f"or leave {given[0]} out.")
+        _check_dp(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,7 +149,7 @@ class RunConfig:
             d.pop(k, None)
         if d.get("deterministic") is False:  # runs made before --deterministic resume as they were
             d.pop("deterministic")
-        for k, default in DOMAIN_DEFAULTS + NEW_CLIENT_DEFAULTS:  # runs made before these options resume as they were
+        for k, default in DOMAIN_DEFAULTS + NEW_CLIENT_DEFAULTS + DP_DEFAULTS:  # runs made before these options resume as they were
             if d.get(k) == default:
                 d.pop(k, None)
         return d
@@ -150,6 +164,22 @@ class RunConfig:
 _FIELD_NAMES = {f.name for f in fields(RunConfig)}
 DOMAIN_DEFAULTS = (("domains", None), ("clients_per_domain", None), ("domain_label_skew", "iid"))
 NEW_CLIENT_DEFAULTS = (("new_clients", 0), ("fine_tune_epochs", 0))
+DP_DEFAULTS = (("dp_epsilon", None), ("dp_delta", 1e-5), ("dp_max_grad_norm", 1.0), ("dp_epochs", None),
+               ("server_dp_noise", None), ("server_dp_clip", 1.0), ("server_dp_quantile", None))
+
+
+def _check_dp(cfg: RunConfig) -> None:
+    """DP options that belong to one that is off, and DP where it cannot act (docs/privacy.md)."""
+    on = {"dp_epsilon": cfg.dp_epsilon is not None, "server_dp_noise": cfg.server_dp_noise is not None}
+    owners = {"dp_max_grad_norm": ("dp_epsilon",), "dp_epochs": ("dp_epsilon",), "dp_delta": tuple(on),
+              "server_dp_clip": ("server_dp_noise",), "server_dp_quantile": ("server_dp_noise",)}
+    for k, default in DP_DEFAULTS:
+        if k in owners and getattr(cfg, k) != default and not any(on[o] for o in owners[k]):
+            flag, need = "--" + k.replace("_", "-"), " or ".join("--" + o.replace("_", "-") for o in owners[k])
+            raise ConfigError(f"{flag} belongs to {need}; add {need}, or leave {flag} out.")
+    if cfg.dp_epsilon is not None and cfg.executor == "vectorized":
+        raise ConfigError("--dp-epsilon runs DP-SGD in the one training loop, which the vectorized executor does not "
+                          "use; choose --executor sequential, process or ray.")
 
 
 def _index_list(value: Any) -> list[int]:

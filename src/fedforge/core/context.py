@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -43,6 +44,7 @@ class Context:
     generator: str | None = None  # generator spec of generator-assisted algorithms (None: their default)
     trust_generator_pickle: bool = False
     vocab_size: int | None = None  # token data: the number of token ids (reaches create_model); None otherwise
+    dp: Any = None  # client-level DP-SGD (core.dp.ClientDP, --dp-epsilon): every rt.train step is private
 
     def arch(self, cid: int) -> str:
         return self.archs[cid]

@@ -34,6 +34,7 @@ from .context import derive_seed
 from .executors import Executor
 from .faults import ClientFailure, DivergenceError, RunStopped, TooManyFailures, first_nonfinite, nonfinite_number
 from .messages import nbytes, numel, to_device
+from .privacy import Privacy
 from .runtime import Task
 from .server_opt import ServerOptimizer, algorithm_view
 from .store import StateStore
@@ -117,11 +118,12 @@ class RoundEngine:
     def __init__(self, algo: Algorithm, schedule: Schedule, executor: Executor, *, listeners: Iterable[Any] = (),
                  should_stop: Callable[[], bool] = lambda: False, clock: Callable[[], float] = time.perf_counter,
                  server_opt: ServerOptimizer | None = None, groups: Mapping[str, list[int]] | None = None,
-                 new_clients: NewClients | None = None):
+                 new_clients: NewClients | None = None, privacy: Privacy | None = None):
         self.algo, self.s, self.executor = algo, schedule, executor
         self.groups = groups or {}  # name → clients, e.g. the domains: each record gets <view>_acc_domain/<name>
         self.unseen = new_clients  # clients kept out of training, evaluated after the last round (new_clients)
         self.server_opt = server_opt  # a server-side update rule composed with the algorithm's aggregate
+        self.privacy = privacy  # DP around the aggregate (user level) and the ε spent in each record (core/privacy.py)
         self._opt_names: set[str] = set()
         self.events = Listeners(listeners)
         self.should_stop = should_stop
@@ -140,7 +142,7 @@ class RoundEngine:
 
     def view(self, server: dict) -> dict:
         """The server state as the algorithm's hooks see it (the server optimiser's state kept apart)."""
-        return algorithm_view(server) if self.server_opt is not None else server
+        return algorithm_view(server) if (self.server_opt is not None or self.privacy is not None) else server
 
     def run(self, prog: Progress) -> Progress:
         if prog.round == 0 and not prog.records and self.due(0):
@@ -217,7 +219,10 @@ class RoundEngine:
         self.seed_server(rnd, "aggregate")
         for u in updates:
             u.upload = to_device(u.upload, self.device)
-        server = self.algo.aggregate(server, updates, rnd)
+        if self.privacy is not None:  # user-level DP: clipped uploads in, noise out (core/privacy.py)
+            server = self.privacy.aggregate(self.algo.aggregate, prog.server, server, updates, rnd)
+        else:
+            server = self.algo.aggregate(server, updates, rnd)
         if self.server_opt is not None:
             server = self.server_opt.step(prog.server, server, self._opt_names)
         bad = first_nonfinite(server)
@@ -287,6 +292,8 @@ class RoundEngine:
         rec |= prog.totals
         self.seed_server(rnd, "metrics")
         rec |= self.algo.server_metrics(self.view(prog.server))
+        if self.privacy is not None:
+            rec |= self.privacy.metrics(prog.server, rnd)
         rec["eval_seconds"] = time.perf_counter() - t0
         rec["train_seconds"] = prog.train_seconds
         rec["seconds"] = self.clock()

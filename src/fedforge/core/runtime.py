@@ -13,6 +13,7 @@ from ..data import Dataset, Federation, Partition
 from ..models import FedModel
 from .algorithm import Algorithm, EvalResult, Update
 from .context import Context, derive_seed
+from .dp import give_steps, take_steps
 from .faults import ClientFailure, run_guarded
 from .messages import Message, State, to_device
 from .training import EvalCounts, GradHook, LossFn, Optimizer, TrainStats, eval_loop, train_loop
@@ -135,6 +136,8 @@ class ClientRuntime:
         self.optimizer = Optimizer(self.ctx.optimizer, self.ctx.momentum, self.ctx.weight_decay)
         self._opt_states: dict[int, dict[int, dict[str, torch.Tensor]]] = {}  # rt.train call → its optimiser state
         self._calls = 0
+        self._dp_steps = 0  # DP-SGD steps this client has taken (--dp-epsilon; its state's dp/steps)
+        self._dp_noise: torch.Generator | None = None
         self.batch_size = self.ctx.batch_size
         self.local_epochs = self.ctx.local_epochs
 
@@ -214,10 +217,17 @@ class ClientRuntime:
         """The shared local SGD loop over this client's data (see :func:`fedforge.core.training.train_loop`)."""
         m = model if model is not None else self.model
         call, self._calls = self._calls, self._calls + 1
-        return train_loop(m, batches if batches is not None else self.batches(epochs), self.lr if lr is None else lr,
-                          params=params, loss_fn=loss_fn, grad_hook=grad_hook, max_grad_norm=max_grad_norm,
-                          autocast=self.autocast, optimizer=self.optimizer,
-                          opt_state=None if self.optimizer.plain else self._opt_states.setdefault(call, {}))
+        dp = None
+        if self.ctx.dp is not None:  # --dp-epsilon: every step is a DP-SGD step (core/dp.py); noise from the task's seed
+            if self._dp_noise is None:
+                self._dp_noise = torch.Generator(device=self.device).manual_seed(derive_seed(self.seed, "dp"))
+            dp = self.ctx.dp.sgd(self.cid, self._dp_noise)
+        stats = train_loop(m, batches if batches is not None else self.batches(epochs), self.lr if lr is None else lr,
+                           params=params, loss_fn=loss_fn, grad_hook=grad_hook, max_grad_norm=max_grad_norm,
+                           autocast=self.autocast, optimizer=self.optimizer,
+                           opt_state=None if self.optimizer.plain else self._opt_states.setdefault(call, {}), dp=dp)
+        self._dp_steps += stats.steps if dp is not None else 0
+        return stats
 
     # ------------------------------------------------------------------------------------- optimiser state
     # A stateful local optimiser (momentum, Adam) keeps its state in the client's state under ``optim/<call>/<i>/<slot>``
@@ -225,6 +235,7 @@ class ClientRuntime:
     # states; i: the parameter's position). The worker takes those entries out before the algorithm sees the state
     # and puts the new ones back after it, so algorithms know nothing of them and checkpoints hold them.
     def take_optimizer_state(self, state: State) -> State:
+        state, self._dp_steps = take_steps(state) if self.ctx.dp is not None else (state, 0)  # dp/steps likewise
         if self.optimizer.plain or not any(k.startswith(OPTIM) for k in state):
             return state
         for k, v in state.items():
@@ -234,6 +245,8 @@ class ClientRuntime:
         return {k: v for k, v in state.items() if not k.startswith(OPTIM)}
 
     def give_optimizer_state(self, state: State | None) -> State | None:
+        if self.ctx.dp is not None and state is not None:
+            state = give_steps(state, self._dp_steps)
         if self.optimizer.plain or state is None:
             return state
         out = {k: v for k, v in state.items() if not k.startswith(OPTIM)}

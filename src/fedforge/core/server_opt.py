@@ -25,6 +25,7 @@ from ..errors import ConfigError
 
 KINDS = ("sgd", "avgm", "adagrad", "adam", "yogi")
 PREFIX = "server_opt/"
+RESERVED = (PREFIX, "privacy/")  # server-state entries of compositions around aggregate, out of the algorithm's view
 
 
 @dataclass(frozen=True)
@@ -74,5 +75,5 @@ class ServerOptimizer:
 
 
 def algorithm_view(server: dict) -> dict:
-    """The server state as the algorithm knows it (without the server optimiser's state)."""
-    return {k: v for k, v in server.items() if not k.startswith(PREFIX)}
+    """The server state as the algorithm knows it (without the server optimiser's or the privacy step's state)."""
+    return {k: v for k, v in server.items() if not k.startswith(RESERVED)}

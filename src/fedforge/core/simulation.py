@@ -38,6 +38,7 @@ from .faults import (AlreadyComplete, ClientFailure, FaultPlan, RunInterrupted, 
                      TooManyFailures, signal_name)
 from .injection import FaultInjector
 from .messages import to_device
+from .privacy import make_privacy, with_client_dp
 from .runtime import WorkerSpec
 from .server_opt import ServerOptimizer, algorithm_view
 from .store import MemoryStore, open_store
@@ -85,6 +86,7 @@ def build_algorithm(cfg: RunConfig, ds: Dataset, part: Partition) -> Algorithm:
         device=cfg.device, precision=cfg.precision, eval_batch_size=cfg.eval_batch_size, optimizer=cfg.optimizer,
         momentum=cfg.momentum, weight_decay=cfg.weight_decay, lr_decay=cfg.lr_decay,
         generator=cfg.generator, trust_generator_pickle=cfg.trust_generator_pickle, vocab_size=ds.vocab_size)
+    ctx = with_client_dp(cfg, ctx)  # --dp-epsilon: models checked, σ calibrated per client (core/privacy.py)
     return cls.create(cfg.params, ctx)
 
 
@@ -158,6 +160,7 @@ class Simulation:
             check_same_config(saved, self.cfg, resume)
         self.algo = build_algorithm(self.cfg, self.ds, self.partition)
         self.ctx = self.algo.ctx
+        self.privacy = make_privacy(self.cfg, self.algo)  # DP around aggregation and ε in the records (or None)
         self.new_clients = check_new_clients(self.algo, self.partition.num_clients, self.cfg.new_clients,
                                              self.cfg.fine_tune_epochs)
         empty = [i for i, a in enumerate(self.partition.train) if len(a) == 0]
@@ -255,7 +258,8 @@ class Simulation:
         engine = RoundEngine(self.algo, self.schedule, executor, listeners=[self, *self.hooks.listeners],
                              should_stop=lambda: self._stop is not None,
                              clock=lambda: time.perf_counter() - self._t_start, server_opt=self.server_optimizer,
-                             groups=domain_groups(self.partition), new_clients=self.new_clients)
+                             groups=domain_groups(self.partition), new_clients=self.new_clients,
+                             privacy=self.privacy)
         prog: Progress | None = None
         try:
             with StopSignals(self._on_signal):

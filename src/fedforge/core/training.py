@@ -8,12 +8,15 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .dp import DPSGD
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], torch.Tensor]
 GradHook = Callable[[Sequence[torch.Tensor], list[torch.Tensor]], list[torch.Tensor]]
@@ -83,14 +86,15 @@ def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
                params: Sequence[torch.Tensor] | None = None, loss_fn: LossFn | None = None,
                grad_hook: GradHook | None = None, max_grad_norm: float | None = None,
                autocast: Callable[[], ContextManager] | None = None, train_mode: bool = True,
-               optimizer: Optimizer | None = None, opt_state: dict[int, dict[str, torch.Tensor]] | None = None
-               ) -> TrainStats:
+               optimizer: Optimizer | None = None, opt_state: dict[int, dict[str, torch.Tensor]] | None = None,
+               dp: DPSGD | None = None) -> TrainStats:
     """Run the local optimiser (plain SGD by default) over ``batches`` and return the mean loss.
 
     ``lr`` is one rate or one per parameter in ``params``; ``grad_hook(params, grads) -> grads`` may change the
     gradients before the step (SCAFFOLD's correction, FedProx's proximal gradient, ...). With a stateful
     ``optimizer``, ``opt_state`` (parameter position → its optimiser state) is read before the first step and
-    replaced by the state after the last one.
+    replaced by the state after the last one. ``dp`` (:class:`~fedforge.core.dp.DPSGD`, ``--dp-epsilon``) makes each
+    step's gradient DP-SGD's: per-sample gradients of ``loss_fn`` clipped and noised before the hook and the step.
     """
     params = list(params) if params is not None else [p for p in model.parameters() if p.requires_grad]
     opt = None if optimizer is None or optimizer.plain else optimizer.build(params, lr, opt_state or {})
@@ -100,10 +104,13 @@ def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
     total: torch.Tensor | None = None  # summed loss, kept on the loss's device and read once at the end
     samples = steps = 0
     for x, y in batches:
-        with ctx():
-            loss = loss_fn(model, x, y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
-        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if dp is None:
+            with ctx():
+                loss = loss_fn(model, x, y)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        else:
+            loss, grads = dp.gradients(model, params, loss_fn, x, y, ctx)
         if grad_hook is not None:
             grads = grad_hook(params, grads)
         if max_grad_norm is not None:
