@@ -22,11 +22,14 @@ def test_cli_run_writes_a_loadable_dataset(tmp_path, capsys, registered_pca, dig
                                  "--encoder", f"checkpoint:{digits_checkpoint}", "--selector", "pe", "--epsilon", "2",
                                  "--iterations", "2", "--per-class", "8", "--out", str(out), "--eval-epochs", "5"], capsys)
     assert code == 0, err
-    assert "privacy: ε = 4" in stdout and "syn" in stdout and "mix" in stdout
+    assert "privacy: ε = " in stdout and "ε = 4 by basic composition" in stdout and "syn" in stdout and "mix" in stdout
     ds = load_dataset(f"npz:{out / 'synthetic.npz'}")
     assert len(ds) == 16 and ds.num_classes == 2
     s = json.loads((out / "summary.json").read_text())
     assert s["privacy"]["delta_total"] == pytest.approx(2 / 6)  # δ = 1/(private images) per iteration, 2 iterations
+    p = s["privacy"]  # the additive budget, Opacus's PRV accountant when installed, and the smaller of the two claimed
+    assert p["epsilon_additive"] == pytest.approx(4.0)
+    assert p["epsilon_total"] == min(4.0, p["epsilon_accountant"] if p["epsilon_accountant"] is not None else 4.0)
     assert s["pe_sigma"] > 0
 
 

@@ -29,8 +29,31 @@ def test_pe_budget_parallel_over_classes():
     assert acc.epsilon_per_class == 0.5
     for _ in range(3):
         acc.spend()
-    assert acc.spent() == (pytest.approx(1.5), pytest.approx(0.03))
+    assert acc.spent_additive() == (pytest.approx(1.5), pytest.approx(0.03))
+    assert acc.spent()[1] == pytest.approx(0.03)
     assert "parallel" in acc.summary()["composition"]
+
+
+def test_pe_reports_the_additive_and_opacus_prv_epsilon_and_claims_the_smaller():
+    pytest.importorskip("opacus", reason="the accountant is Opacus's (pip install 'fedforge[dp]')")
+    from opacus.accountants import PRVAccountant
+
+    acc = PrivacyAccountant("pe", 0.5, num_classes=10, delta_per_iteration=0.01)
+    for t in range(1, 9):
+        acc.spend()
+    prv = PRVAccountant()  # Opacus directly: 8 Gaussian mechanisms of the analytic σ, no subsampling, δ = 8 · 0.01
+    prv.history = [(gaussian_sigma(0.5, 0.01), 1.0, 8)]
+    want = prv.get_epsilon(delta=0.08)
+    s = acc.summary()
+    assert s["epsilon_additive"] == pytest.approx(4.0) and s["delta_total"] == pytest.approx(0.08)
+    assert s["epsilon_accountant"] == pytest.approx(want, rel=1e-9) and s["accountant"] == "prv (opacus)"
+    assert s["epsilon_accountant"] < s["epsilon_additive"]  # composing Gaussians beats adding their ε over 8 rounds
+    assert s["epsilon_total"] == s["epsilon_accountant"] and "PRV" in s["note"]
+    assert [h["epsilon_additive"] for h in acc.history] == pytest.approx([0.5 * t for t in range(1, 9)])
+    one = PrivacyAccountant("pe", 1.0, num_classes=2, delta_per_iteration=1e-3)
+    one.spend()  # one release: the analytic Gaussian's ε is exact, PRV's numerical bound is a little above it
+    assert one.summary()["epsilon_accountant"] >= 1.0 and one.spent()[0] == pytest.approx(1.0)
+    assert PrivacyAccountant("pcevolve", 0.2, 10).summary()["epsilon_accountant"] is None  # exponential mechanism
 
 
 def test_infinite_epsilon_and_non_private_selectors():
