@@ -20,6 +20,17 @@ from pathlib import Path
 BIN = Path(sys.executable).parent
 
 
+def _die_with_parent() -> None:
+    """In the child, before exec: ask the kernel to kill it when the test process dies (Linux), so that a test
+    process killed from outside (a timeout, Ctrl-C twice) leaves no SuperLink or SuperNode running."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -107,7 +118,7 @@ class Cluster:
     def start(self, cmd: list[str], name: str) -> subprocess.Popen:
         log = open(self.folder / f"{name}.log", "ab")
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True,
-                             cwd=self.folder)
+                             cwd=self.folder, preexec_fn=_die_with_parent)
         log.close()
         p.name = name  # type: ignore[attr-defined]
         self.procs.append(p)
