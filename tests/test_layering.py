@@ -23,11 +23,11 @@ LAYERS: list[set[str]] = [
     {"core"},
     {"generative"},
     {"algorithms"},
-    {"integrations", "synth"},
+    {"integrations", "synth", "attacks"},
     {"sweep", "quickstart", "cli", "__init__", "__main__"},
 ]
 # sub-commands live with the package that owns them but compose like the tool itself
-TOP = {"fedforge.generative.cli", "fedforge.synth.cli"}
+TOP = {"fedforge.generative.cli", "fedforge.synth.cli", "fedforge.attacks.cli"}
 
 
 def _modules() -> dict[str, Path]:

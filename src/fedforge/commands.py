@@ -21,7 +21,7 @@ class Command:
 
 
 COMMANDS: Registry[Command] = Registry("command", populate=("fedforge.generative.cli", "fedforge.synth.cli",
-                                                         "fedforge.integrations.flower_deploy"))
+                                                         "fedforge.integrations.flower_deploy", "fedforge.attacks.cli"))
 
 
 def register_command(name: str, help: str) -> Callable:
