@@ -144,7 +144,9 @@ def test_ditto_lambda_zero_gives_local_personal_models():
 
 
 def test_apfl_alpha_zero_is_the_global_model_and_alpha_is_learned():
-    fixed, _, _ = run("apfl", alpha=0.0, adaptive=False)
+    # α = 0 mixed with the received global model is FedAvg's global model (mixed with the client's own trained w, it
+    # is that w: tests/algorithms/test_apfl.py)
+    fixed, _, _ = run("apfl", alpha=0.0, adaptive=False, mix_with="global")
     fedavg, _, _ = run("fedavg", lr=LR["apfl"])
     assert accs(fixed, "personalized_acc") == accs(fixed, "global_acc") == accs(fedavg, "global_acc")
     res, _, _ = run("apfl")
