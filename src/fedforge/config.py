@@ -78,6 +78,8 @@ class RunConfig:
     executor: str = opt("sequential", "how local updates run: sequential, process, ray, vectorized")
     workers: int = opt(0, "workers for the process/ray executors (0: one per core)", ge=0)
     threads: int = opt(0, "torch threads per worker (0: automatic)", ge=0)
+    gpu_memory: float | None = opt(None, "vectorized executor: device memory budget in GB that sizes its chunks of clients "
+                                         "(default: --workers, else 100, clients at a time)", gt=0)
     ray_address: str | None = opt(None, "Ray cluster for the ray executor (default: $RAY_ADDRESS, else a local cluster)")
     devices: list = opt([], "GPUs of the process/ray workers, e.g. cuda:0,cuda:1 (default: with --device cuda, worker i "
                             "uses GPU i mod the number visible); the server stays on --device")
@@ -145,7 +147,7 @@ class RunConfig:
         d = self.to_dict()
         for k in ("out", "data_root", "download", "workers", "threads", "checkpoint_every", "max_fail_fraction", "on_nan"):
             d.pop(k, None)
-        for k in ("ray_address", "devices", "state_store", "state_dir", "tracker"):  # where work runs and results go, not results
+        for k in ("ray_address", "devices", "gpu_memory", "state_store", "state_dir", "tracker"):  # where work runs and results go, not results
             d.pop(k, None)
         if d.get("deterministic") is False:  # runs made before --deterministic resume as they were
             d.pop("deterministic")

@@ -7,17 +7,22 @@ personal head) all differ only in *which* state-dict entries cross the network a
 as in FedAvg), a client's state holds the entries it keeps (parameters **and** buffers, e.g. BatchNorm running
 statistics), and the upload is exactly the shared entries, so ``bytes_up`` measures what the method sends.
 
-Subclasses implement :meth:`PartialSharing.shares` (or :meth:`PartialSharing.select_shared`) and, where training differs from plain local SGD,
-:meth:`PartialSharing.train_client`. This module starts with ``_``, so it is not registered as an algorithm.
+Subclasses implement :meth:`PartialSharing.shares` (or :meth:`PartialSharing.select_shared`) and, where training differs
+from plain local SGD, :meth:`PartialSharing.phases` (the SGD passes of an :class:`~fedforge.core.objective.Objective`,
+e.g. which parameters each trains) and :meth:`PartialSharing.extra_state`. The local update is then one objective,
+run one client at a time or by the vectorized executor. This module starts with ``_``, so it is not registered as an
+algorithm.
 """
 from __future__ import annotations
 
+from functools import reduce
 from typing import TYPE_CHECKING
 
 import torch.nn as nn
 
 from ..core.algorithm import Algorithm, Update
 from ..core.messages import Message, State, model_entries
+from ..core.objective import MAIN, Objective, Phase, plain_loss
 from ..core.training import TrainStats
 from ..errors import ConfigError
 
@@ -100,16 +105,24 @@ class PartialSharing(Algorithm):
         """Further personal entries (names with a ``/``) a client starts with, e.g. FedRoD's personal head."""
         return {}
 
-    def train_client(self, rt: "ClientRuntime", msg: Message, state: State) -> tuple[TrainStats, State]:
-        """Local training of the loaded model; returns the stats and the extra personal entries to keep."""
-        return rt.train(loss_fn=self.loss), {}
+    def phases(self, rt: "ClientRuntime") -> tuple[Phase, ...]:
+        """The SGD passes of local training (default: one, every parameter, cross-entropy or :meth:`loss`)."""
+        return (Phase(loss=plain_loss(self.loss)),)
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
-        rt.load(model_entries(state))
-        rt.load(model_entries(msg))
-        stats, extra = self.train_client(rt, msg, state)
-        shared, kept = self.split(rt.model_state(), rt.arch)
-        return Update(shared, {**kept, **extra}, rt.num_train, stats.as_dict())
+    def extra_state(self, rt: "ClientRuntime", weights: dict[str, State]) -> State:
+        """Further personal entries to keep (names with a ``/``), given the trained weights of each model."""
+        return {}
+
+    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
+        """Start from the client's own entries completed (or overridden) by the received shared ones; train in
+        :meth:`phases`; upload the shared entries and keep the rest (and :meth:`extra_state`)."""
+        return Objective(start={MAIN: {**model_entries(state), **model_entries(msg)}}, phases=self.phases(rt),
+                         finish=self.finish)
+
+    def finish(self, rt: "ClientRuntime", weights: dict[str, State], stats: list[TrainStats]) -> Update:
+        shared, kept = self.split(weights[MAIN], rt.arch)
+        return Update(shared, {**kept, **self.extra_state(rt, weights)}, rt.num_train,
+                      reduce(TrainStats.merge, stats).as_dict())
 
     def personal_params(self, msg: Message, state: State) -> Message:
         """The client's model: the received shared entries completed (or overridden) by its own entries."""

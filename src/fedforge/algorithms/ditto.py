@@ -15,12 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..core.algorithm import Algorithm, Update, register_algorithm
-from ..core.messages import Message, State, model_entries
+from ..core.messages import Message, State, model_entries, with_prefix
+from ..core.objective import Objective, Phase
 from ..core.params import HyperParams, hp
-from .mechanics import proximal_grad_hook
+from .mechanics import proximal_grads
 
 
 @dataclass(frozen=True)
@@ -38,16 +37,21 @@ class Ditto(Algorithm):
     def init_client(self, rt) -> State:
         return rt.initial_params()  # v_k⁰ = w⁰
 
-    def local_update(self, rt, msg: Message, state: State) -> Update:
+    vectorizable = True  # both models' updates are objectives: the vectorized executor can batch clients
+
+    def vector_objective(self, rt, msg: Message, state: State) -> Objective:
         glob = model_entries(msg)
-        # global model: FedAvg's local update, on the task's batch stream
-        rt.load(glob)
-        stats = rt.train()
-        upload = rt.model_state()
-        # personal model: the same batches, proximal pull towards the received global model
-        rt.load(model_entries(state))
-        anchors = [glob[n] for n, p in rt.model.named_parameters() if p.requires_grad]
-        replay = torch.Generator(device=rt.gen.device).manual_seed(rt.seed)  # rt.gen's stream, where it draws
-        pstats = rt.train(grad_hook=proximal_grad_hook(anchors, self.hp.lamda), batches=rt.batches(generator=replay))
-        metrics = {**stats.as_dict(), "personal_loss": pstats.loss}
-        return Update(upload, rt.model_state(), rt.num_train, metrics)
+        # global model: FedAvg's local update, on the task's batch stream; personal model: the same batches
+        # (replayed from the task's seed), proximal pull towards the received global model
+        return Objective(start={"global": glob, "personal": model_entries(state)}, extras=with_prefix(glob, "anchor"),
+                         phases=(Phase(model="global"),
+                                 Phase(model="personal", grad=self.proximal if self.hp.lamda else None, replay=True)),
+                         finish=self.finish)
+
+    def proximal(self, params, grads, ex):
+        """The personal model's gradient plus λ·(v − w_global)."""
+        return proximal_grads(params, grads, ex.under("anchor"), self.hp.lamda)
+
+    def finish(self, rt, weights, stats) -> Update:
+        metrics = {**stats[0].as_dict(), "personal_loss": stats[1].loss}
+        return Update(weights["global"], weights["personal"], rt.num_train, metrics)

@@ -25,11 +25,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-import torch
 import torch.nn.functional as F
 
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries
+from ..core.objective import MAIN, Objective, Phase
 from ..core.params import HyperParams, hp
 from .mechanics import aggregate_prototypes, kl_distill, message_to_prototypes, prototype_matrix, prototype_update
 
@@ -67,25 +67,31 @@ class FD(Algorithm):
     def init_client(self, rt: "ClientRuntime") -> State:
         return rt.initial_params()
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
-        rt.load(model_entries(state))
+    vectorizable = True  # the distillation target comes from the message: the vectorized executor can batch clients
+
+    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
         C = self.ctx.num_classes
-        T, mask = prototype_matrix(message_to_prototypes(msg, C, self.PREFIX), C, C, device=rt.device)
-        lam = float(self.hp.lam)
-        loss_fn = None
-        if lam > 0 and bool(mask.any()):
-            T, mask = T.to(rt.device), mask.to(rt.device)
+        logits = message_to_prototypes(msg, C, self.PREFIX)
+        on = float(self.hp.lam) > 0 and bool(logits)
+        extras = {}
+        if on:
+            T, mask = prototype_matrix(logits, C, C, device=rt.device)
+            extras = {"logits": T, "has_logit": mask}
+        return Objective(start={MAIN: model_entries(state)}, phases=(Phase(loss=self.distill_loss if on else None),),
+                         extras=extras, finish=self.finish)
 
-            def loss_fn(model, x, y):
-                out = model(x)
-                loss = F.cross_entropy(out, y)
-                has = mask[y]
-                if not bool(has.any()):
-                    return loss
-                share = has.sum().to(out.dtype) / x.shape[0]  # samples without a global logit add nothing
-                return loss + lam * share * kl_distill(out[has], T[y[has]])
+    def distill_loss(self, m, x, y, ex):
+        """CE + λ·share·KL(softmax(F̄_y) ‖ softmax(g(x))) over the samples whose class has a global logit (share: their
+        fraction of the batch); per-sample weights instead of selected rows, so that it is vmappable."""
+        out = m(x)
+        loss = F.cross_entropy(out, y)
+        has = ex["has_logit"][y].to(out.dtype)
+        share = has.sum() / x.shape[0]  # samples without a global logit add nothing
+        return loss + float(self.hp.lam) * share * kl_distill(out, ex["logits"][y], weight=has)
 
-        return prototype_update(rt, rt.train(loss_fn=loss_fn), self.PREFIX, features=rt.model)
+    def finish(self, rt: "ClientRuntime", weights, stats) -> Update:
+        rt.load(weights[MAIN])  # (already loaded when run one client at a time)
+        return prototype_update(rt, stats[0], self.PREFIX, features=rt.model)
 
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)

@@ -49,6 +49,7 @@ from torch.func import functional_call
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.context import derive_seed
 from ..core.messages import Message, State, model_entries, under, with_prefix
+from ..core.objective import MAIN, Objective, Phase
 from ..core.params import HyperParams, hp
 from ..core.training import train_loop
 from ..errors import ConfigError
@@ -177,13 +178,17 @@ class FedALA(Algorithm):
         return {**glob, **ala_combine(local, glob, new_w)}, new_w, len(losses)
 
     # ----------------------------------------------------------------------------------- client side
-    def local_update(self, rt, msg: Message, state: State) -> Update:
-        params, weights, epochs = self.initialise(rt, msg, state, rt.round)
-        rt.load(params)
-        stats = rt.train()
-        model = rt.model_state()
-        new_state = {**model, **with_prefix(weights or under(state, "ala"), "ala")}
-        return Update(model, new_state, rt.num_train, {**stats.as_dict(), "ala_epochs": epochs})
+    vectorizable = True  # ALA per client, then FedAvg's SGD from θ̂: the vectorized executor batches the SGD
+
+    def vector_objective(self, rt, msg: Message, state: State) -> Objective:
+        params, weights, epochs = self.initialise(rt, msg, state, rt.round)  # ALA: per client, while building
+        ala = with_prefix(weights or under(state, "ala"), "ala")
+
+        def finish(rt, w, stats) -> Update:
+            model = w[MAIN]
+            return Update(model, {**model, **ala}, rt.num_train, {**stats[0].as_dict(), "ala_epochs": epochs})
+
+        return Objective(start={MAIN: params}, phases=(Phase(),), finish=finish)
 
     def evaluate(self, rt, msg: Message, state: State):
         rt.load(model_entries(msg))

@@ -16,9 +16,10 @@ from dataclasses import dataclass
 
 from ..core.algorithm import register_algorithm
 from ..core.messages import model_entries
+from ..core.objective import Phase, plain_loss
 from ..core.params import HyperParams, hp
 from ..core.algorithm import Algorithm
-from .mechanics import is_body, named_params, train_head
+from .mechanics import is_body, train_head
 from ._partial import PartialSharing
 
 
@@ -46,8 +47,10 @@ class FedBABU(PartialSharing):
     def eval_message(self, server, cid):
         return model_entries(server)
 
-    def train_client(self, rt, msg, state):
-        return rt.train(loss_fn=self.loss, params=named_params(rt.model, is_body)), {}
+    vectorizable = True  # one SGD pass on the body (the head stays h⁰): the vectorized executor can batch clients
+
+    def phases(self, rt):
+        return (Phase(loss=plain_loss(self.loss), train=is_body),)
 
     def finetune(self, rt, msg, state):
         rt.load(model_entries(msg))

@@ -18,5 +18,7 @@ from ._partial import PartialSharing
 class FedPer(PartialSharing):
     paper = "Arivazhagan et al., Federated Learning with Personalization Layers, arXiv:1912.00818, 2019"
 
+    vectorizable = True  # one SGD pass on the whole model: the vectorized executor can batch clients
+
     def shares(self, name: str) -> bool:
         return is_body(name)

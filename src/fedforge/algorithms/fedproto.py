@@ -29,9 +29,17 @@ import torch.nn.functional as F
 
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries
+from ..core.objective import MAIN, Objective, Phase
 from ..core.params import HyperParams, hp
-from .mechanics import (aggregate_prototypes, message_to_prototypes, nearest_prototype_scores, prototype_matrix,
-                        prototype_mse, prototype_update, require_common_feature_dim)
+from .mechanics import (
+    aggregate_prototypes,
+    message_to_prototypes,
+    nearest_prototype_scores,
+    prototype_matrix,
+    prototype_mse,
+    prototype_update,
+    require_common_feature_dim,
+)
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -84,20 +92,26 @@ class FedProto(Algorithm):
     def weight(self) -> float:
         return float(self.hp.lam)
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
-        rt.load(model_entries(state))
-        P, mask = self.global_prototypes(msg, rt.device)
-        lam = self.weight()
-        loss_fn = None
-        if lam > 0 and bool(mask.any()):
-            P, mask = P.to(rt.device), mask.to(rt.device)
+    vectorizable = True  # the regulariser reads the received prototypes: the vectorized executor can batch clients
 
-            def loss_fn(model, x, y):
-                z = model.features(x)
-                loss = F.cross_entropy(model.head(z), y)
-                return loss + lam * self.regulariser(z, P[y], mask[y].to(z.dtype))
+    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
+        on = self.weight() > 0 and bool(message_to_prototypes(msg, self.ctx.num_classes, self.PREFIX))
+        extras = {}
+        if on:
+            P, mask = self.global_prototypes(msg, rt.device)
+            extras = {"protos": P, "has_proto": mask}
+        return Objective(start={MAIN: model_entries(state)}, phases=(Phase(loss=self.proto_loss if on else None),),
+                         extras=extras, finish=self.finish)
 
-        return prototype_update(rt, rt.train(loss_fn=loss_fn), self.PREFIX)
+    def proto_loss(self, m, x, y, ex):
+        """CE(h(z), y) + λ·(distance of z to its class's global prototype; 0 where the class has none)."""
+        z = m.features(x)
+        loss = F.cross_entropy(m.head(z), y)
+        return loss + self.weight() * self.regulariser(z, ex["protos"][y], ex["has_proto"][y].to(z.dtype))
+
+    def finish(self, rt: "ClientRuntime", weights, stats) -> Update:
+        rt.load(weights[MAIN])  # (already loaded when run one client at a time)
+        return prototype_update(rt, stats[0], self.PREFIX)
 
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)

@@ -14,9 +14,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.algorithm import Algorithm, Update, register_algorithm
-from ..core.messages import model_entries
+from ..core.messages import model_entries, with_prefix
+from ..core.objective import MAIN, Objective, Phase, plain_loss
 from ..core.params import HyperParams, hp
-from .mechanics import proximal_grad_hook
+from .mechanics import proximal_grads
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,14 @@ class FedProx(Algorithm):
     paper = "Li et al., Federated Optimization in Heterogeneous Networks, MLSys 2020"
     Params = FedProxParams
 
-    def local_update(self, rt, msg, state) -> Update:
-        rt.load(model_entries(msg))
-        params = [p for p in rt.model.parameters() if p.requires_grad]
-        anchors = [p.detach().clone() for p in params]
-        stats = rt.train(loss_fn=self.loss, params=params, grad_hook=proximal_grad_hook(anchors, self.hp.mu))
-        return Update(rt.model_state(), state, rt.num_train, stats.as_dict())
+    vectorizable = True  # FedAvg's update with the proximal gradient: the vectorized executor can batch clients
+
+    def vector_objective(self, rt, msg, state) -> Objective:
+        glob = model_entries(msg)
+        return Objective(start={MAIN: glob}, extras=with_prefix(glob, "anchor"),
+                         phases=(Phase(loss=plain_loss(self.loss), grad=self.proximal if self.hp.mu else None),),
+                         finish=lambda rt, w, stats: Update(w[MAIN], state, rt.num_train, stats[0].as_dict()))
+
+    def proximal(self, params, grads, ex):
+        """Each step's gradient plus mu·(w − w_global) (the received model is the anchor)."""
+        return proximal_grads(params, grads, ex.under("anchor"), self.hp.mu)

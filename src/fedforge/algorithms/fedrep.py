@@ -17,9 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..core.algorithm import register_algorithm
+from ..core.objective import Phase
 from ..core.params import HyperParams, hp
-from .mechanics import is_body, named_params, train_head
 from ._partial import PartialSharing
+from .mechanics import is_body, is_head
 
 
 @dataclass(frozen=True)
@@ -32,10 +33,11 @@ class FedRep(PartialSharing):
     paper = "Collins et al., Exploiting Shared Representations for Personalized Federated Learning, ICML 2021"
     Params = FedRepParams
 
+    vectorizable = True  # two SGD passes on parameter subsets: the vectorized executor can batch clients
+
     def shares(self, name: str) -> bool:
         return is_body(name)
 
-    def train_client(self, rt, msg, state):
-        head = train_head(rt, self.hp.head_epochs)  # body frozen: on features computed once where exact
-        body = rt.train(params=named_params(rt.model, is_body))
-        return head.merge(body), {}
+    def phases(self, rt):
+        # the head with the body frozen (on features computed once where exact), then the body with the new head
+        return (Phase(train=is_head, epochs=self.hp.head_epochs, on_features=True), Phase(train=is_body))

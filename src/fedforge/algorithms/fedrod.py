@@ -19,8 +19,9 @@ import torch.nn.functional as F
 
 from ..core.algorithm import register_algorithm
 from ..core.messages import model_entries, under, with_prefix
-from .mechanics import is_head, named_params, select
+from ..core.objective import Phase
 from ._partial import PartialSharing
+from .mechanics import is_head, select
 
 PHEAD = "phead"  # state prefix of the personal head
 _TAG = "fedrod-personal-head"
@@ -47,20 +48,28 @@ class FedRoD(PartialSharing):
         rt.load(under(state, PHEAD), m)
         return m
 
-    def train_client(self, rt, msg, state):
-        phead_model = self._personal_head(rt, state)
+    vectorizable = True  # one SGD pass on the model and the personal head: the vectorized executor can batch clients
+
+    def vector_objective(self, rt, msg, state):
+        obj = super().vector_objective(rt, msg, state)
+        obj.start[PHEAD] = under(state, PHEAD)  # the personal head, trained jointly (phases: also)
         counts = rt.class_counts().float()
-        log_prior = torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf"))).to(rt.device)
+        obj.extras = {"log_prior": torch.where(counts > 0, counts.log(), torch.full_like(counts, float("-inf")))}
+        return obj
 
-        def loss_fn(model, x, y):
-            z = model.features(x)
-            g = model.head(z)
-            p = phead_model.head(z.detach())
-            return balanced_softmax_loss(g, y, log_prior) + F.cross_entropy(g.detach() + p, y)
+    def phases(self, rt):
+        return (Phase(loss=self.rod_loss, also=((PHEAD, is_head),)),)
 
-        params = list(rt.model.parameters()) + named_params(phead_model, is_head)
-        stats = rt.train(loss_fn=loss_fn, params=params)
-        return stats, with_prefix(rt.model_state(phead_model, prefixes=["head."]), PHEAD)
+    @staticmethod
+    def rod_loss(m, x, y, ex):
+        """Balanced softmax on the generic head + cross-entropy of the (detached) generic and personal logits."""
+        z = m.features(x)
+        g = m.head(z)
+        p = ex.model(PHEAD).head(z.detach())
+        return balanced_softmax_loss(g, y, ex["log_prior"]) + F.cross_entropy(g.detach() + p, y)
+
+    def extra_state(self, rt, weights):
+        return with_prefix(select(weights[PHEAD], is_head), PHEAD)
 
     def evaluate(self, rt, msg, state):
         rt.load(model_entries(msg))

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 from ..core.algorithm import register_algorithm
 from ..core.messages import Message, State
-from .mechanics import is_head, keep_own_head, with_own_head
+from ..core.objective import MAIN
 from ._partial import PartialSharing
+from .mechanics import is_head, keep_own_head, with_own_head
 
 
 @register_algorithm("lgfedavg", summary="LG-FedAvg (Liang et al., 2020): local body, shared head; works across architectures")
@@ -25,12 +26,13 @@ class LGFedAvg(PartialSharing):
              "arXiv:2001.01523, 2020")
     heterogeneous = True
 
+    vectorizable = True  # one SGD pass on the whole model: the vectorized executor can batch clients
+
     def shares(self, name: str) -> bool:
         return is_head(name)
 
-    def train_client(self, rt, msg: Message, state: State):
-        stats, extra = super().train_client(rt, msg, state)
-        return stats, {**extra, **keep_own_head(rt.model_state())}
+    def extra_state(self, rt, weights):
+        return keep_own_head(weights[MAIN])
 
     def evaluate(self, rt, msg: Message, state: State):
         return with_own_head(super().evaluate(rt, msg, state), rt, state)

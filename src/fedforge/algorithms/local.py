@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries
+from ..core.objective import MAIN, Objective, Phase
 
 
 @register_algorithm("local", summary="Local training only (no communication): the personalized baseline")
@@ -25,19 +26,12 @@ class Local(Algorithm):
     def init_client(self, rt) -> State:
         return rt.initial_params()
 
-    def local_update(self, rt, msg: Message, state: State) -> Update:
-        rt.load(model_entries(state))
-        stats = rt.train()
-        return Update({}, rt.model_state(), rt.num_train, stats.as_dict())
-
-    def personal_params(self, msg: Message, state: State) -> Message:
-        return model_entries(state)
-
     # plain cross-entropy SGD from the client's own model: the vectorized executor can batch clients
     vectorizable = True
 
-    def vector_start(self, msg: Message, state: State) -> Message:
-        return model_entries(state)
+    def vector_objective(self, rt, msg: Message, state: State) -> Objective:
+        return Objective(start={MAIN: model_entries(state)}, phases=(Phase(),),
+                         finish=lambda rt, w, stats: Update({}, w[MAIN], rt.num_train, stats[0].as_dict()))
 
-    def vector_finish(self, rt, msg: Message, state: State, weights: State, stats) -> Update:
-        return Update({}, weights, rt.num_train, stats.as_dict())
+    def personal_params(self, msg: Message, state: State) -> Message:
+        return model_entries(state)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ..core.algorithm import Update
 from ..core.messages import Message, State
+from ..core.objective import batch_independent, frozen_feature_batches  # noqa: F401  (re-exported from core)
 
 HEAD = "head."
 BODY = "features."
@@ -34,43 +35,6 @@ def select(d: Mapping[str, torch.Tensor], keep: Callable[[str], bool]) -> Messag
 def named_params(model: nn.Module, keep: Callable[[str], bool]) -> list[torch.Tensor]:
     """Parameters of ``model`` whose names pass ``keep`` (e.g. :func:`is_head`), for training a part only."""
     return [p for n, p in model.named_parameters() if keep(n)]
-
-
-def batch_independent(model: nn.Module) -> bool:
-    """Whether ``model``'s training-mode forward treats each sample alone and without randomness
-    (no batch normalisation, dropout or stochastic depth), so features can be computed once and reused."""
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)):
-            return False
-        if "StochasticDepth" in type(m).__name__:
-            return False
-    return True
-
-
-def frozen_feature_batches(rt, model: nn.Module | None = None, epochs: int | None = None,
-                           chunk: int = 256):
-    """Training batches ``(model.features(x), y)`` for head-only epochs while the body is frozen.
-
-    The features of the client's training samples are computed once (under ``no_grad``, in chunks) and the
-    batches are then cut from them in exactly the order that ``rt.batches(epochs)`` would yield, drawing the
-    same numbers from the task's random stream, so a head trained on them follows the same path as one trained
-    through the frozen body, up to float rounding, at the cost of one forward pass instead of one per epoch.
-    Returns None when that would not be exact (augmentation on, or a body whose forward depends on the batch
-    or on randomness); the caller then trains through the body.
-    """
-    m = model if model is not None else rt.model
-    fed = rt.fed
-    if fed.augment or not batch_independent(m):
-        return None
-    idx = fed.train_indices(rt.cid)
-    m.train()
-    with torch.no_grad(), rt.autocast():
-        z = torch.cat([m.features(fed.inputs(idx[s:s + chunk])[0]) for s in range(0, idx.numel(), chunk)]) \
-            if idx.numel() else torch.zeros(0, device=idx.device)
-    y = fed.y[idx]
-    z = z.float()
-    n_epochs = rt.local_epochs if epochs is None else epochs
-    return [(z[pos], y[pos]) for pos in fed.train_positions(idx.numel(), rt.batch_size, rt.gen, n_epochs)]
 
 
 def head_loss(model: nn.Module, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,6 +95,13 @@ def proximal_term(params: Sequence[torch.Tensor], anchors: Sequence[torch.Tensor
     """mu/2 · Σ ||w − w_anchor||² (differentiable in ``params``)."""
     total = sum(((p - a.detach()) ** 2).sum() for p, a in zip(params, anchors))
     return 0.5 * mu * total
+
+
+def proximal_grads(params: Mapping[str, torch.Tensor], grads: Mapping[str, torch.Tensor],
+                   anchors: Mapping[str, torch.Tensor], mu: float) -> dict[str, torch.Tensor]:
+    """``grads`` plus mu·(w − w_anchor), by parameter name: the gradient of :func:`proximal_term` added, for an
+    objective's gradient function (``Phase.grad``; FedProx, Ditto). The same arithmetic as :func:`proximal_grad_hook`."""
+    return {n: g.add(params[n].detach() - anchors[n], alpha=mu) for n, g in grads.items()}
 
 
 def proximal_grad_hook(anchors: Sequence[torch.Tensor], mu: float):
@@ -249,11 +220,19 @@ def aggregate_prototypes(server: State, updates: Sequence[Update], prefix: str =
 
 
 # ---------------------------------------------------------------------------------- distillation
-def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """KL(softmax(teacher/T) ‖ softmax(student/T)) · T², batch mean (Hinton et al., 2015)."""
+def kl_distill(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0,
+               weight: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(softmax(teacher/T) ‖ softmax(student/T)) · T², batch mean (Hinton et al., 2015).
+
+    ``weight`` (N,): per-sample weights; the result is then Σ_i w_i·KL_i / Σ_i w_i (0 where all weights are 0),
+    which with 0/1 weights is the batch mean over the samples weighted 1, without selecting rows (vmappable)."""
     t = temperature
-    return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.softmax(teacher_logits.detach() / t, dim=1),
-                    reduction="batchmean") * (t * t)
+    log_p = F.log_softmax(student_logits / t, dim=1)
+    target = F.softmax(teacher_logits.detach() / t, dim=1)
+    if weight is None:
+        return F.kl_div(log_p, target, reduction="batchmean") * (t * t)
+    per = F.kl_div(log_p, target, reduction="none") * weight.to(log_p.dtype).unsqueeze(1)
+    return per.sum() / weight.sum().to(log_p.dtype).clamp(min=1.0) * (t * t)
 
 
 def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import model_entries, under, with_prefix
+from ..core.objective import MAIN, Objective, Phase
 from ..core.params import HyperParams, hp
 
 PREV = "prev"
@@ -46,25 +47,20 @@ class Moon(Algorithm):
     paper = "Li, He & Song, Model-Contrastive Federated Learning, CVPR 2021"
     Params = MoonParams
 
-    def local_update(self, rt, msg, state) -> Update:
+    vectorizable = True  # the contrastive loss is a pure function of the models: the vectorized executor can batch
+
+    def vector_objective(self, rt, msg, state) -> Objective:
         glob = model_entries(msg)
         prev = under(state, PREV) or rt.initial_params()
-        mu, tau = self.hp.mu, self.hp.tau
-        loss_fn = None
-        if mu > 0:
-            g_model, p_model = rt.aux_model("moon-global"), rt.aux_model("moon-previous")
-            rt.load(glob, g_model)
-            rt.load(prev, p_model)
-            g_model.eval()
-            p_model.eval()
+        on = self.hp.mu > 0
+        return Objective(start={MAIN: glob}, phases=(Phase(loss=self.contrastive_loss if on else None),),
+                         frozen={"global": glob, "previous": prev} if on else {},  # run in eval mode, never trained
+                         finish=lambda rt, w, stats: Update(w[MAIN], with_prefix(w[MAIN], PREV), rt.num_train,
+                                                            stats[0].as_dict()))
 
-            def loss_fn(model, x, y):
-                z = model.features(x)
-                with torch.no_grad():
-                    z_pos, z_neg = g_model.features(x), p_model.features(x)
-                return F.cross_entropy(model.head(z), y) + mu * model_contrastive_loss(z, z_pos, z_neg, tau)
-
-        rt.load(glob)
-        stats = rt.train(loss_fn=loss_fn)
-        new = rt.model_state()
-        return Update(new, with_prefix(new, PREV), rt.num_train, stats.as_dict())
+    def contrastive_loss(self, m, x, y, ex):
+        """CE(h(z), y) + μ·ℓ_con(z, z_glob, z_prev) with z_glob, z_prev from the frozen global and previous models."""
+        z = m.features(x)
+        with torch.no_grad():
+            z_pos, z_neg = ex.model("global").features(x), ex.model("previous").features(x)
+        return F.cross_entropy(m.head(z), y) + self.hp.mu * model_contrastive_loss(z, z_pos, z_neg, self.hp.tau)

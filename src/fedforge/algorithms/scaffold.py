@@ -22,6 +22,7 @@ import torch
 
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import model_entries, under, weighted_average, with_prefix
+from ..core.objective import MAIN, Objective, Phase, plain_loss
 from ..core.params import HyperParams, hp
 
 CONTROL = "control"
@@ -51,29 +52,33 @@ class Scaffold(Algorithm):
     def eval_message(self, server, cid):
         return model_entries(server)
 
-    def local_update(self, rt, msg, state) -> Update:
+    vectorizable = True  # the correction is a gradient function of per-client tensors: the vectorized executor batches
+
+    def vector_objective(self, rt, msg, state) -> Objective:
         x = model_entries(msg)
         c = under(msg, CONTROL)
-        rt.load(x)
-        named = [(n, p) for n, p in rt.model.named_parameters() if p.requires_grad]
-        names, params = [n for n, _ in named], [p for _, p in named]
+        names = [n for n, p in rt.model.named_parameters() if p.requires_grad]
         c_i = under(state, CONTROL) or {n: torch.zeros_like(c[n]) for n in names}
-        correction = [c[n] - c_i[n] for n in names]
 
-        def hook(ps, grads):
-            return [g + d for g, d in zip(grads, correction)]
+        def finish(rt, w, stats) -> Update:
+            y = w[MAIN]
+            k = max(1, stats[0].steps)
+            lr = float(rt.lr)
+            new_c_i, delta_c = {}, {}
+            for n in names:
+                new = c_i[n] - c[n] + (x[n] - y[n]) / (k * lr)
+                delta_c[n] = new - c_i[n]
+                new_c_i[n] = new
+            return Update({**y, **with_prefix(delta_c, CONTROL)}, with_prefix(new_c_i, CONTROL), rt.num_train,
+                          stats[0].as_dict())
 
-        stats = rt.train(loss_fn=self.loss, params=params, grad_hook=hook)
-        y = rt.model_state()
-        k = max(1, stats.steps)
-        lr = float(rt.lr)
-        new_c_i, delta_c = {}, {}
-        for n in names:
-            new = c_i[n] - c[n] + (x[n] - y[n]) / (k * lr)
-            delta_c[n] = new - c_i[n]
-            new_c_i[n] = new
-        return Update({**y, **with_prefix(delta_c, CONTROL)}, with_prefix(new_c_i, CONTROL), rt.num_train,
-                      stats.as_dict())
+        return Objective(start={MAIN: x}, extras={f"correction/{n}": c[n] - c_i[n] for n in names},
+                         phases=(Phase(loss=plain_loss(self.loss), grad=self.correct),), finish=finish)
+
+    @staticmethod
+    def correct(params, grads, ex):
+        """Each step's gradient corrected by c − c_i."""
+        return {n: g + ex[f"correction/{n}"] for n, g in grads.items()}
 
     def aggregate(self, server, updates, rnd):
         if not updates:

@@ -17,6 +17,7 @@ from ..errors import ConfigError
 from ..registry import Registry
 from .context import Context
 from .messages import Message, State, detach_clone, model_entries, weighted_average
+from .objective import MAIN, Objective, Phase, plain_loss, run_objective
 from .params import HyperParams
 from .training import EvalCounts
 
@@ -134,25 +135,23 @@ class Algorithm:
         return {}
 
     def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
-        """Load the received weights, train on local data with :meth:`loss`, upload the whole model."""
-        rt.load(model_entries(msg))
-        stats = rt.train(loss_fn=self.loss)
-        return Update(rt.model_state(), state, rt.num_train, stats.as_dict())
+        """Run :meth:`vector_objective` one client at a time (by default: load the received weights, train on local
+        data with :meth:`loss`, upload the whole model)."""
+        return run_objective(rt, self.vector_objective(rt, msg, state))
 
     loss = None  # a LossFn (model, x, y) -> loss; None means cross-entropy
 
-    # Opt-in for the vectorized executor (core/vectorized.py): set True only when ``local_update`` is exactly
-    # "start from ``vector_start(msg, state)``, plain SGD with cross-entropy on all parameters over ``rt.batches()``,
-    # then ``vector_finish(...)``"; the executor then trains many clients at once with torch.func.
+    # Opt-in for the vectorized executor (core/vectorized.py): set True in the class whose ``local_update`` is
+    # :func:`~fedforge.core.objective.run_objective` of its ``vector_objective`` and whose losses are vmappable; the
+    # executor then trains many clients at once with torch.func. A subclass that changes the update must set it again.
     vectorizable: ClassVar[bool] = False
 
-    def vector_start(self, msg: Message, state: State) -> Message:
-        """Weights a vectorizable local update starts from (default: the received model)."""
-        return model_entries(msg)
-
-    def vector_finish(self, rt: "ClientRuntime", msg: Message, state: State, weights: State, stats: Any) -> Update:
-        """The Update of a vectorizable local update given its trained weights (default: upload them, keep state)."""
-        return Update(weights, state, rt.num_train, stats.as_dict())
+    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
+        """The local update as an :class:`~fedforge.core.objective.Objective` (pure losses over phases), which both
+        the sequential loop (:meth:`local_update`) and the vectorized executor run. Default: FedAvg's update, SGD on
+        :meth:`loss` (cross-entropy) from the received model, uploading the trained model."""
+        return Objective(start={MAIN: model_entries(msg)}, phases=(Phase(loss=plain_loss(self.loss)),),
+                         finish=lambda rt, weights, stats: Update(weights[MAIN], state, rt.num_train, stats[0].as_dict()))
 
     def global_params(self, msg: Message) -> Message:
         return model_entries(msg)

@@ -611,5 +611,7 @@ def make_executor(cfg: Any) -> Executor:
         options["address"] = cfg.ray_address
     if getattr(cfg, "devices", None) and cls.name in ("process", "ray"):
         options["devices"] = list(cfg.devices)
+    if getattr(cfg, "gpu_memory", None) is not None and cls.name == "vectorized":
+        options["gpu_memory"] = cfg.gpu_memory
     return cls(workers=cfg.workers, threads=cfg.threads, **options)
 

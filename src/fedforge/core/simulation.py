@@ -37,6 +37,7 @@ from .executors import Executor, deterministic, make_executor
 from .faults import (AlreadyComplete, ClientFailure, FaultPlan, RunInterrupted, RunStopped, StopSignals,
                      TooManyFailures, signal_name)
 from .injection import FaultInjector
+from .memory import peak_gpu_memory_mb, start_run
 from .messages import to_device
 from .privacy import make_privacy, with_client_dp
 from .runtime import WorkerSpec
@@ -250,6 +251,7 @@ class Simulation:
 
     def _run(self) -> RunResult:
         cfg, rd = self.cfg, self.run_dir
+        start_run(self.ctx.device)  # peak_gpu_memory_mb counts this run only
         if rd is not None:
             self._write_resume_setup(rd) if self.resuming else self._write_setup(rd)
         executor = self._make_executor()
@@ -304,7 +306,8 @@ class Simulation:
         summary = summarize(prog.records, rounds=cfg.rounds, wall_seconds=wall,
                             extra={"algorithm": cfg.algorithm, "dataset": self.ds.name, "model": cfg.model,
                                    "clients": self.ctx.num_clients, "seed": cfg.seed, "train_seconds": prog.train_seconds,
-                                   "failed_updates": len(prog.failures)})
+                                   "failed_updates": len(prog.failures),
+                                   "peak_gpu_memory_mb": peak_gpu_memory_mb(self.ctx.device)})
         if rd is not None:
             rd.write_json("summary.json", summary)
             try:
