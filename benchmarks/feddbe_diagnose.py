@@ -5,11 +5,15 @@ Usage: DIAG_LOG=FILE.jsonl [EVERY=N] .venv/bin/python benchmarks/feddbe_diagnose
 
 Views: global (received model), personalized (model + own bias), priorfix (received model with the
 client's log train-label prior added to the logits: what a pure per-client logit offset could reach)."""
-import json, os, sys
+import json
+import os
+import sys
+
 import torch
+
 import fedforge
 from fedforge import algorithms  # noqa
-from fedforge.algorithms.feddbe import FedDBE, GLOBAL_MEAN, BIAS
+from fedforge.algorithms.feddbe import BIAS, GLOBAL_MEAN, FedDBE
 from fedforge.core.algorithm import register_algorithm
 from fedforge.core.messages import model_entries
 

@@ -18,12 +18,13 @@ import torch
 
 from fedforge.algorithms import ALGORITHMS
 from fedforge.config import build_config
-from fedforge.errors import ConfigError
 from fedforge.core.checkpoint import load_checkpoint, save_checkpoint
 from fedforge.core.simulation import Simulation, resume_config
 from fedforge.core.store import MemoryStore
+from fedforge.errors import ConfigError
 from fedforge.generative.base import GeneratorError
 from tests.conftest import TEST_DEVICE
+
 
 def _timing(key: str) -> bool:
     """Wall-clock measurements (seconds, eval_seconds, server_seconds, metrics/align_seconds, ...) differ run to run."""

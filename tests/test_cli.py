@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 from fedforge.cli import main
 from tests.conftest import require_data

@@ -12,8 +12,15 @@ from fedforge.cli import main as cli_main
 from fedforge.config import build_config
 from fedforge.core.checkpoint import load_checkpoint
 from fedforge.core.executors import SequentialExecutor
-from fedforge.core.faults import (ClientFailure, DivergenceError, FaultPlan, RunInterrupted, TooManyFailures,
-                                 first_nonfinite, run_guarded)
+from fedforge.core.faults import (
+    ClientFailure,
+    DivergenceError,
+    FaultPlan,
+    RunInterrupted,
+    TooManyFailures,
+    first_nonfinite,
+    run_guarded,
+)
 from fedforge.core.injection import FaultInjector
 from fedforge.core.runtime import Task, WorkerSpec
 from fedforge.core.simulation import Simulation, resume_config

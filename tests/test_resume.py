@@ -23,6 +23,7 @@ import fedforge.algorithms  # noqa: F401  (registers the algorithms)
 from fedforge.cli import main as cli_main
 from fedforge.core.checkpoint import load_checkpoint
 
+
 def _timing(key: str) -> bool:
     """Wall-clock measurements (seconds, eval_seconds, server_seconds, ...) differ from run to run."""
     return key.endswith("seconds")

@@ -18,6 +18,7 @@ import pytest
 from fedforge.cli import main
 from fedforge.sweep import Axis, make_points, parse_axis
 
+
 def run_options(rounds: int = 2, *extra: str) -> list[str]:
     return ["--algorithm", "fedprox", "--dataset", "digits", "--model", "mlp", "--clients", "4", "--rounds", str(rounds),
             "--batch-size", "16", "--lr", "0.05", "--threads", "1", *extra]

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from ._version import __version__
-
 from .config import RunConfig, build_config  # noqa: E402
 from .errors import ConfigError, DataError, FedforgeError, PartitionError  # noqa: E402
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import RunConfig, add_config_options, build_config, config_from_args, load_yaml, parse_assignments
+from .config import RunConfig, add_config_options, config_from_args, load_yaml, parse_assignments
 from .errors import FedforgeError
 
 log = logging.getLogger("fedforge")
@@ -66,7 +66,7 @@ def cmd_partition(args: argparse.Namespace) -> int:
     from .core.simulation import build_partition
     from .data import load_dataset
     from .data.partition import plot_heatmap
-    from .results.rundir import dumps, atomic_write_text
+    from .results.rundir import atomic_write_text, dumps
 
     cfg = config_from_args(args)
     export_dir = getattr(args, "export_pfllib", None)

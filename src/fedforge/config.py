@@ -5,7 +5,7 @@ import argparse
 import dataclasses
 import os
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -118,7 +118,7 @@ class RunConfig:
                                 "evaluated as received)", ge=0)
 
     # ------------------------------------------------------------------------------------------------
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         if isinstance(self.model, (list, tuple)):  # a group written as a YAML list of registry names
             self.model = ",".join(str(m).strip() for m in self.model)
         validate_fields(self)

@@ -10,7 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-
 # environment variables that can change results or say where the data came from
 ENV_VARS = ("FEDFORGE_DATA", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "CUBLAS_WORKSPACE_CONFIG",
             "PYTHONHASHSEED")

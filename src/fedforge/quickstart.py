@@ -56,7 +56,7 @@ def summary_text(summaries: dict[str, dict]) -> str:
         return "-" if v is None else f"{100 * v:.1f} %"
 
     lines = ["Accuracy on every client's own held-out test data, after the last round:", "",
-             f"| method | global model | own model | what it is |", "|---|---|---|---|"]
+             "| method | global model | own model | what it is |", "|---|---|---|---|"]
     for algo, what in METHODS:
         lines.append(f"| {algo} | {fmt(acc(algo, 'global_acc'))} | {fmt(acc(algo, 'personalized_acc'))} | {what} |")
     own = {a: acc(a, "personalized_acc") for a, _ in METHODS if acc(a, "personalized_acc") is not None}

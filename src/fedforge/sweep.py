@@ -41,8 +41,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import (RunConfig, add_config_options, build_config, config_from_args, load_yaml, parse_assignments,
-                     parse_value)
+from .config import (
+    RunConfig,
+    add_config_options,
+    build_config,
+    config_from_args,
+    load_yaml,
+    parse_assignments,
+    parse_value,
+)
 from .errors import ConfigError, FedforgeError, suggest
 
 SWEEP_FILE = "sweep.json"

@@ -6,10 +6,7 @@ client and moves it towards what the client learned; CFL splits clients with opp
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
-import pytest
 import torch
 
 from fedforge.core.messages import model_entries, under

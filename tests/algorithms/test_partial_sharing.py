@@ -16,8 +16,7 @@ from fedforge.core.algorithm import ALGORITHMS
 from fedforge.core.messages import model_entries, nbytes, under
 from fedforge.core.runtime import Worker, WorkerSpec
 from fedforge.errors import ConfigError
-from tests.algorithms.helpers import BASE, differ, same_tensors, sim, train
-from tests.algorithms.helpers import _one_torch_thread, fedavg  # noqa: F401  (fixtures)
+from tests.algorithms.helpers import BASE, _one_torch_thread, differ, fedavg, same_tensors, sim, train  # noqa: F401  (fixtures)
 
 
 def _body(k):

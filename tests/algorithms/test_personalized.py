@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fedforge.config import build_config
 from fedforge.algorithms import ALGORITHMS  # importing the package registers every algorithm
+from fedforge.config import build_config
 from fedforge.core.executors import SequentialExecutor
 from fedforge.core.messages import model_entries, nbytes, under
 from fedforge.core.simulation import Simulation
@@ -45,7 +45,7 @@ class RecordingExecutor(SequentialExecutor):
         return out
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _run(algorithm: str, params: tuple = (), **over):
     cfg = build_config(overrides={**BASE, **over, "algorithm": algorithm, "params": dict(params)})
     ex = RecordingExecutor(threads=1)

@@ -18,8 +18,7 @@ from fedforge.algorithms import fedas, fedcac, fedcross, fedgc, fedlc, fedmtl, f
 from fedforge.core.algorithm import ALGORITHMS, Update
 from fedforge.core.messages import model_entries, under, with_prefix
 from fedforge.core.runtime import ClientRuntime, Worker, WorkerSpec, task_seed
-from tests.algorithms.helpers import differ, run, same_tensors, sim, strip, train
-from tests.algorithms.helpers import _one_torch_thread, fedavg  # noqa: F401  (fixtures)
+from tests.algorithms.helpers import _one_torch_thread, differ, fedavg, run, same_tensors, sim, strip, train  # noqa: F401  (fixtures)
 
 GLOBAL_KEYS = ("global_acc", "global_loss", "loss", "bytes_up", "bytes_down")
 needs_clarabel = pytest.mark.skipif(importlib.util.find_spec("clarabel") is None,

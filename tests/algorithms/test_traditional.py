@@ -19,8 +19,7 @@ from fedforge.core.algorithm import ALGORITHMS
 from fedforge.core.messages import model_entries, nbytes, under
 from fedforge.core.runtime import Worker, WorkerSpec
 from fedforge.errors import ConfigError
-from tests.algorithms.helpers import BASE, differ, run, same_tensors, sim, strip, train
-from tests.algorithms.helpers import _one_torch_thread, fedavg  # noqa: F401  (fixtures)
+from tests.algorithms.helpers import BASE, _one_torch_thread, differ, fedavg, run, same_tensors, sim, strip, train  # noqa: F401  (fixtures)
 
 
 def sq_dist(a: dict, b: dict) -> float:

@@ -16,8 +16,17 @@ from opacus.accountants import RDPAccountant  # noqa: E402
 from opacus.accountants.utils import get_noise_multiplier  # noqa: E402
 
 from fedforge.config import build_config  # noqa: E402
-from fedforge.core.dp import (DPSGD, STEPS, clip_per_sample, client_dp, epsilon_spent, noisy_mean,  # noqa: E402
-                              per_sample_gradients, sample_rate, steps_per_pass)
+from fedforge.core.dp import (  # noqa: E402
+    DPSGD,
+    STEPS,
+    client_dp,
+    clip_per_sample,
+    epsilon_spent,
+    noisy_mean,
+    per_sample_gradients,
+    sample_rate,
+    steps_per_pass,
+)
 from fedforge.core.faults import RunInterrupted  # noqa: E402
 from fedforge.core.simulation import Simulation, resume_config  # noqa: E402
 from fedforge.core.training import train_loop  # noqa: E402

@@ -13,7 +13,7 @@ import fedforge.algorithms  # noqa: F401  (registers fedavg, local, ...)
 from fedforge.core import EXECUTORS, Task
 from fedforge.core.algorithm import ALGORITHMS, register_algorithm
 from fedforge.core.executors import ProcessExecutor, SequentialExecutor, make_executor, schedule, task_threads
-from fedforge.core.runtime import Worker, WorkerSpec
+from fedforge.core.runtime import WorkerSpec
 from fedforge.core.simulation import Simulation
 from fedforge.errors import ConfigError, UnknownNameError
 

@@ -47,7 +47,7 @@ from fedforge.core.messages import model_entries
 from fedforge.core.runtime import Task, Worker, WorkerSpec
 from fedforge.data import Dataset, Partition, from_client_split
 from tests.data.test_modalities import make_series
-from tests.reference.htfllib_shim import as_fedforge, import_isolated, load_pairs, main_defaults, pair_entries
+from tests.reference.htfllib_shim import import_isolated, load_pairs, main_defaults, pair_entries
 from tests.reference.pfllib_shim import ATOL, RTOL, BatchRecorder, EpochFeeder, assert_same, quiet, reference_root
 
 __all__ = ["ATOL", "RTOL", "Harness", "assert_same", "fliot_args", "fliot_model", "fliot_module", "fliot_system",

@@ -253,7 +253,7 @@ class EpochFeeder:
     def put(self, epochs) -> None:
         self.queue.extend(epochs)
 
-    def loader(self, batch_size=None, *args, **kwargs) -> "_Loader":
+    def loader(self, batch_size=None, *args, **kwargs) -> _Loader:
         return _Loader(self)
 
     @property
@@ -305,18 +305,18 @@ class AlgoSpec:
     pf_args: dict = field(default_factory=dict)
     rounds: int = 2
     model: str = "cnn"
-    pf_client_view: Callable[["Harness", Any], Views] | None = None
-    ff_client_view: Callable[["Harness", Update], Views] | None = None
-    pf_server_view: Callable[["Harness", Any], Views] | None = None
-    ff_server_view: Callable[["Harness", dict], Views] | None = None
-    pf_send: Callable[["Harness", Any, int], None] | None = None
-    pf_train: Callable[["Harness", Any, int], None] | None = None
-    pf_aggregate: Callable[["Harness", Any, int], None] | None = None
-    pf_setup: Callable[["Harness"], None] | None = None
-    pf_pre_build: Callable[["Harness"], None] | None = None  # before PFLlib's server is constructed
-    pf_model: Callable[["Harness"], nn.Module] | None = None  # PFLlib's model, if not main.py's FedAvgCNN
+    pf_client_view: Callable[[Harness, Any], Views] | None = None
+    ff_client_view: Callable[[Harness, Update], Views] | None = None
+    pf_server_view: Callable[[Harness, Any], Views] | None = None
+    ff_server_view: Callable[[Harness, dict], Views] | None = None
+    pf_send: Callable[[Harness, Any, int], None] | None = None
+    pf_train: Callable[[Harness, Any, int], None] | None = None
+    pf_aggregate: Callable[[Harness, Any, int], None] | None = None
+    pf_setup: Callable[[Harness], None] | None = None
+    pf_pre_build: Callable[[Harness], None] | None = None  # before PFLlib's server is constructed
+    pf_model: Callable[[Harness], nn.Module] | None = None  # PFLlib's model, if not main.py's FedAvgCNN
     pf_part: str = "model"  # what PFLlib's server.global_model holds after aggregation: model, base or head
-    pf_sync: Callable[["Harness", Any, dict], None] | None = None
+    pf_sync: Callable[[Harness, Any, dict], None] | None = None
     ctx: dict = field(default_factory=dict)  # Context overrides (lr, batch_size, local_epochs)
 
 

@@ -20,8 +20,16 @@ from fedforge.algorithms import fedhome as fedhome_mod
 from fedforge.algorithms.fedprune import MASK, keep_count, masks_of, top_mask
 from fedforge.core.messages import model_entries
 from fedforge.data import Federation
-from tests.reference.fliot_shim import (ATOL, RTOL, Harness, assert_same, fliot_module, require_fliot,
-                                        series_federation, to_fliot)
+from tests.reference.fliot_shim import (
+    ATOL,
+    RTOL,
+    Harness,
+    assert_same,
+    fliot_module,
+    require_fliot,
+    series_federation,
+    to_fliot,
+)
 from tests.reference.pfllib_shim import quiet
 
 # class counts per client: sizes 26, 29, 32 (not multiples of the batch, so drop_last acts), every class ≥ 6 samples

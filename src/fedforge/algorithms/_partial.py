@@ -97,29 +97,29 @@ class PartialSharing(Algorithm):
         return {k: v for k, v in server.items() if k in keys}
 
     # -------------------------------------------------------------------------------------- client side
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         _, kept = self.split(rt.initial_params(), rt.arch)
         return {**kept, **self.init_extra(rt)}
 
-    def init_extra(self, rt: "ClientRuntime") -> State:
+    def init_extra(self, rt: ClientRuntime) -> State:
         """Further personal entries (names with a ``/``) a client starts with, e.g. FedRoD's personal head."""
         return {}
 
-    def phases(self, rt: "ClientRuntime") -> tuple[Phase, ...]:
+    def phases(self, rt: ClientRuntime) -> tuple[Phase, ...]:
         """The SGD passes of local training (default: one, every parameter, cross-entropy or :meth:`loss`)."""
         return (Phase(loss=plain_loss(self.loss)),)
 
-    def extra_state(self, rt: "ClientRuntime", weights: dict[str, State]) -> State:
+    def extra_state(self, rt: ClientRuntime, weights: dict[str, State]) -> State:
         """Further personal entries to keep (names with a ``/``), given the trained weights of each model."""
         return {}
 
-    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
+    def vector_objective(self, rt: ClientRuntime, msg: Message, state: State) -> Objective:
         """Start from the client's own entries completed (or overridden) by the received shared ones; train in
         :meth:`phases`; upload the shared entries and keep the rest (and :meth:`extra_state`)."""
         return Objective(start={MAIN: {**model_entries(state), **model_entries(msg)}}, phases=self.phases(rt),
                          finish=self.finish)
 
-    def finish(self, rt: "ClientRuntime", weights: dict[str, State], stats: list[TrainStats]) -> Update:
+    def finish(self, rt: ClientRuntime, weights: dict[str, State], stats: list[TrainStats]) -> Update:
         shared, kept = self.split(weights[MAIN], rt.arch)
         return Update(shared, {**kept, **self.extra_state(rt, weights)}, rt.num_train,
                       reduce(TrainStats.merge, stats).as_dict())

@@ -64,12 +64,12 @@ class FD(Algorithm):
         return aggregate_prototypes(server, updates, self.PREFIX)
 
     # ----------------------------------------------------------------------------------------- client
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         return rt.initial_params()
 
     vectorizable = True  # the distillation target comes from the message: the vectorized executor can batch clients
 
-    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
+    def vector_objective(self, rt: ClientRuntime, msg: Message, state: State) -> Objective:
         C = self.ctx.num_classes
         logits = message_to_prototypes(msg, C, self.PREFIX)
         on = float(self.hp.lam) > 0 and bool(logits)
@@ -89,7 +89,7 @@ class FD(Algorithm):
         share = has.sum() / x.shape[0]  # samples without a global logit add nothing
         return loss + float(self.hp.lam) * share * kl_distill(out, ex["logits"][y], weight=has)
 
-    def finish(self, rt: "ClientRuntime", weights, stats) -> Update:
+    def finish(self, rt: ClientRuntime, weights, stats) -> Update:
         rt.load(weights[MAIN])  # (already loaded when run one client at a time)
         return prototype_update(rt, stats[0], self.PREFIX, features=rt.model)
 

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..core.algorithm import register_algorithm
+from ..core.algorithm import Algorithm, register_algorithm
 from ..core.messages import model_entries
 from ..core.objective import Phase, plain_loss
 from ..core.params import HyperParams, hp
-from ..core.algorithm import Algorithm
-from .mechanics import is_body, train_head
 from ._partial import PartialSharing
+from .mechanics import is_body, train_head
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import math
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

@@ -181,10 +181,10 @@ class FedGen(Algorithm):
         return {"generator_loss": None if v != v else v}
 
     # ----------------------------------------------------------------------------------------- client
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         return rt.initial_params() if self.share == "head" else {}
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
+    def local_update(self, rt: ClientRuntime, msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
         rt.load(model_entries(msg))
         loss_fn = None
@@ -212,7 +212,7 @@ class FedGen(Algorithm):
         new_state["sent/labels"] = torch.ones((), dtype=torch.long, device=rt.device)
         return Update(upload, new_state, rt.num_train, stats.as_dict())
 
-    def _client_generator(self, rt: "ClientRuntime", msg: Message) -> FeatureGenerator:
+    def _client_generator(self, rt: ClientRuntime, msg: Message) -> FeatureGenerator:
         gen = self._generator(rt.device)
         gen.load_state_dict(under(msg, "gen"))
         return gen.eval()
@@ -220,7 +220,7 @@ class FedGen(Algorithm):
     def personal_params(self, msg: Message, state: State) -> Message:
         return {**select(model_entries(state), lambda k: not is_head(k)), **model_entries(msg)}
 
-    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
+    def evaluate(self, rt: ClientRuntime, msg: Message, state: State):
         """Judged with the averaged head; ``head_acc``: with the head the client trained itself (heterogeneous
         setting, where the state keeps the whole model)."""
         out = super().evaluate(rt, msg, state)

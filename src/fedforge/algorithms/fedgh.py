@@ -29,8 +29,15 @@ from ..core.context import derive_seed
 from ..core.messages import Message, State, model_entries
 from ..core.params import HyperParams, hp
 from ..core.training import train_loop
-from .mechanics import (is_head, message_to_prototypes, prototype_update, with_own_head,
-                        require_common_feature_dim, require_same_head, select)
+from .mechanics import (
+    is_head,
+    message_to_prototypes,
+    prototype_update,
+    require_common_feature_dim,
+    require_same_head,
+    select,
+    with_own_head,
+)
 
 if TYPE_CHECKING:
     from ..core.runtime import ClientRuntime
@@ -80,10 +87,10 @@ class FedGH(Algorithm):
         return {k: v.detach().clone() for k, v in head.state_dict().items()}
 
     # ----------------------------------------------------------------------------------------- client
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         return rt.initial_params()
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
+    def local_update(self, rt: ClientRuntime, msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
         rt.load(model_entries(msg))  # the global header replaces the local one
         return prototype_update(rt, rt.train())
@@ -92,7 +99,7 @@ class FedGH(Algorithm):
         """The client's feature extractor with the global header."""
         return {**select(model_entries(state), lambda k: not is_head(k)), **model_entries(msg)}
 
-    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
+    def evaluate(self, rt: ClientRuntime, msg: Message, state: State):
         """Judged with the global header (the paper); ``head``: with the header the client last trained locally
         (before the server's replaced it), which separates the extractor's quality from the global header's."""
         return with_own_head(super().evaluate(rt, msg, state), rt, state)

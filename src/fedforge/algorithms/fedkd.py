@@ -173,7 +173,7 @@ class FedKD(Algorithm):
         return out
 
     # ----------------------------------------------------------------------------------------- client
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         state = rt.initial_params()
         state |= with_prefix(self._floats(rt.initial_params(self.mentee_arch)), "mentee")
         d_t = rt.model.feature_dim
@@ -193,7 +193,7 @@ class FedKD(Algorithm):
             mentee = {k: mentee[k] + applied[k] for k in self.shapes}
         return mentee
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
+    def local_update(self, rt: ClientRuntime, msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
         start = self._synced_mentee(msg, state)
         mentee = rt.aux_model(self.TAG, self.mentee_arch)
@@ -224,7 +224,7 @@ class FedKD(Algorithm):
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)
 
-    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
+    def evaluate(self, rt: ClientRuntime, msg: Message, state: State):
         mentee = rt.aux_model(self.TAG, self.mentee_arch)
         rt.load(under(msg, "full"), model=mentee)
         out = {"global": rt.evaluate(model=mentee)}

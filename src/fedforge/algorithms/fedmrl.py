@@ -79,7 +79,7 @@ class FedMRL(Algorithm):
                             seed=derive_seed(self.ctx.seed, "init", self.small_arch, "fedmrl"),
                             feature_dim=self.hp.small_dim, vocab_size=self.ctx.vocab_size)
 
-    def _small(self, rt: "ClientRuntime") -> FedModel:
+    def _small(self, rt: ClientRuntime) -> FedModel:
         key = (self.small_arch, tuple(self.ctx.input_shape), self.ctx.vocab_size, self.ctx.num_classes, self.hp.small_dim,
                str(rt.device))
         if key not in _SMALL:
@@ -94,7 +94,7 @@ class FedMRL(Algorithm):
         return dict(server)
 
     # ----------------------------------------------------------------------------------------- client
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         d, d1 = self.feature_dim, self.hp.small_dim
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(derive_seed(self.ctx.seed, "fedmrl-proj", rt.cid))
@@ -104,7 +104,7 @@ class FedMRL(Algorithm):
     def _fused(self, model: FedModel, small: FedModel, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return F.linear(torch.cat([small.features(x), model.features(x)], 1), w, b)
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
+    def local_update(self, rt: ClientRuntime, msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
         small = self._small(rt)
         rt.load(under(msg, "small"), model=small)
@@ -125,7 +125,7 @@ class FedMRL(Algorithm):
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)
 
-    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
+    def evaluate(self, rt: ClientRuntime, msg: Message, state: State):
         rt.load(model_entries(state))
         small = self._small(rt)
         rt.load(under(msg, "small"), model=small)

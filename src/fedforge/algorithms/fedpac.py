@@ -50,8 +50,20 @@ from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries, under, weighted_average, with_prefix
 from ..core.params import HyperParams, hp
 from ..errors import ConfigError
-from .mechanics import (aggregate_prototypes, collect_prototypes, is_body, is_head, message_to_prototypes, mix_params,
-                        named_params, prototype_matrix, prototype_mse, prototypes_to_message, select, train_head)
+from .mechanics import (
+    aggregate_prototypes,
+    collect_prototypes,
+    is_body,
+    is_head,
+    message_to_prototypes,
+    mix_params,
+    named_params,
+    prototype_matrix,
+    prototype_mse,
+    prototypes_to_message,
+    select,
+    train_head,
+)
 
 INSTALL_HINT = ("FedPAC solves a small quadratic program with the Clarabel solver, which is not installed: "
                 "pip install clarabel (or pip install 'fedforge[qp]').")

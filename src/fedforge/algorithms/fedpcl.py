@@ -36,8 +36,16 @@ import torch.nn.functional as F
 from ..core.algorithm import Algorithm, Update, register_algorithm
 from ..core.messages import Message, State, model_entries, under, with_prefix
 from ..core.params import HyperParams, hp
-from .mechanics import (average_prototypes, collect_prototypes, is_body, message_to_prototypes, named_params,
-                        prototype_matrix, prototypes_to_message, require_common_feature_dim)
+from .mechanics import (
+    average_prototypes,
+    collect_prototypes,
+    is_body,
+    message_to_prototypes,
+    named_params,
+    prototype_matrix,
+    prototypes_to_message,
+    require_common_feature_dim,
+)
 
 GLOBAL, CLIENT, OWN = "gproto", "cproto", "proto"
 

@@ -10,8 +10,8 @@ classifier (the paper's best setting keeps the last layers local; PFLlib does th
 from __future__ import annotations
 
 from ..core.algorithm import register_algorithm
-from .mechanics import is_body
 from ._partial import PartialSharing
+from .mechanics import is_body
 
 
 @register_algorithm("fedper", summary="FedPer (Arivazhagan et al., 2019): shared body, local head")

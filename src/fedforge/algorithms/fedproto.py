@@ -76,7 +76,7 @@ class FedProto(Algorithm):
         return aggregate_prototypes(server, updates, self.PREFIX)
 
     # ----------------------------------------------------------------------------------------- client
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         return rt.initial_params()
 
     def global_prototypes(self, msg: Message, device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,7 +94,7 @@ class FedProto(Algorithm):
 
     vectorizable = True  # the regulariser reads the received prototypes: the vectorized executor can batch clients
 
-    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
+    def vector_objective(self, rt: ClientRuntime, msg: Message, state: State) -> Objective:
         on = self.weight() > 0 and bool(message_to_prototypes(msg, self.ctx.num_classes, self.PREFIX))
         extras = {}
         if on:
@@ -109,14 +109,14 @@ class FedProto(Algorithm):
         loss = F.cross_entropy(m.head(z), y)
         return loss + self.weight() * self.regulariser(z, ex["protos"][y], ex["has_proto"][y].to(z.dtype))
 
-    def finish(self, rt: "ClientRuntime", weights, stats) -> Update:
+    def finish(self, rt: ClientRuntime, weights, stats) -> Update:
         rt.load(weights[MAIN])  # (already loaded when run one client at a time)
         return prototype_update(rt, stats[0], self.PREFIX)
 
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)
 
-    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
+    def evaluate(self, rt: ClientRuntime, msg: Message, state: State):
         rt.load(model_entries(state))
         P, mask = self.global_prototypes(msg, rt.device)
         head = rt.evaluate()

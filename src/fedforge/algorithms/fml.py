@@ -69,15 +69,15 @@ class FML(Algorithm):
         return dict(server)
 
     # ----------------------------------------------------------------------------------------- client
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         return rt.initial_params()
 
-    def _meme(self, rt: "ClientRuntime", msg: Message):
+    def _meme(self, rt: ClientRuntime, msg: Message):
         meme = rt.aux_model(self.TAG, self.meme_arch)
         rt.load(under(msg, "meme"), model=meme)
         return meme
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
+    def local_update(self, rt: ClientRuntime, msg: Message, state: State) -> Update:
         rt.load(model_entries(state))
         meme = self._meme(rt, msg)
         meme.train()
@@ -96,7 +96,7 @@ class FML(Algorithm):
     def personal_params(self, msg: Message, state: State) -> Message:
         return model_entries(state)
 
-    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State):
+    def evaluate(self, rt: ClientRuntime, msg: Message, state: State):
         meme = self._meme(rt, msg)
         out = {"global": rt.evaluate(model=meme)}
         rt.load(model_entries(state))

@@ -17,10 +17,9 @@ probability distributions, as in the paper.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
-
-import math
 
 import torch
 

@@ -339,8 +339,8 @@ def _match(orig: np.ndarray, rec: np.ndarray) -> list[int]:
 
 # ------------------------------------------------------------------------------------------------ output
 def write(result: DLGResult, rep: Replay, out: str | Path) -> dict:
-    """``dlg.json`` (scores, labels, the replay check, the run's DP settings) and ``dlg.png`` (originals above
-    reconstructions, each titled with its PSNR) in ``out``."""
+    """``dlg.json`` (scores, labels, the replay check, the run's DP settings), ``dlg.png`` (originals above
+    reconstructions, each titled with its PSNR) and ``images.npz`` (both as (N, H, W, C) arrays in [0, 1]) in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     c = rep.sim.cfg
@@ -350,6 +350,7 @@ def write(result: DLGResult, rep: Replay, out: str | Path) -> dict:
             "dp_epsilon": c.dp_epsilon, "dp_max_grad_norm": c.dp_max_grad_norm if c.dp_epsilon is not None else None,
             "server_dp_noise": c.server_dp_noise, **result.summary()}
     (out / "dlg.json").write_text(json.dumps(info, indent=2, default=float))
+    np.savez_compressed(out / "images.npz", originals=result.originals, reconstructions=result.reconstructions)
     _figure(result, out / "dlg.png", f"client {rep.cid}, round {rep.round}"
             + (f", DP ε = {c.dp_epsilon:g}" if c.dp_epsilon is not None else ""))
     return info

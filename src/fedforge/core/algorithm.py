@@ -24,7 +24,7 @@ from .training import EvalCounts
 if TYPE_CHECKING:
     from .runtime import ClientRuntime
 
-ALGORITHMS: Registry[type["Algorithm"]] = Registry("algorithm", "see `fedforge list algorithms`",
+ALGORITHMS: Registry[type[Algorithm]] = Registry("algorithm", "see `fedforge list algorithms`",
                                                     populate="fedforge.algorithms")
 
 
@@ -56,7 +56,7 @@ FAMILIES: tuple[tuple[str, str], ...] = (
 )
 
 
-def family_of(cls: type["Algorithm"]) -> str:
+def family_of(cls: type[Algorithm]) -> str:
     """An algorithm's family: its explicit ``family``, else from its flags (heterogeneous → HtFL, personalized → pFL,
     else tFL)."""
     if cls.family:
@@ -67,7 +67,7 @@ def family_of(cls: type["Algorithm"]) -> str:
 def register_algorithm(name: str, **meta: Any):
     """Class decorator: register an Algorithm subclass under ``name``."""
 
-    def deco(cls: type["Algorithm"]) -> type["Algorithm"]:
+    def deco(cls: type[Algorithm]) -> type[Algorithm]:
         cls.name = name
         ALGORITHMS.add(name, cls, **meta)
         return cls
@@ -96,7 +96,7 @@ class Algorithm:
                 f"use a single model, or a heterogeneous-model algorithm (see `fedforge list algorithms`).")
 
     @classmethod
-    def create(cls, params: dict[str, Any] | None, ctx: Context) -> "Algorithm":
+    def create(cls, params: dict[str, Any] | None, ctx: Context) -> Algorithm:
         return cls(cls.Params.from_dict(params, owner=cls.name), ctx)
 
     # ----------------------------------------------------------------------------------- server side
@@ -130,11 +130,11 @@ class Algorithm:
         return {}
 
     # ----------------------------------------------------------------------------------- client side
-    def init_client(self, rt: "ClientRuntime") -> State:
+    def init_client(self, rt: ClientRuntime) -> State:
         """A client's state before it first takes part (default: none)."""
         return {}
 
-    def local_update(self, rt: "ClientRuntime", msg: Message, state: State) -> Update:
+    def local_update(self, rt: ClientRuntime, msg: Message, state: State) -> Update:
         """Run :meth:`vector_objective` one client at a time (by default: load the received weights, train on local
         data with :meth:`loss`, upload the whole model)."""
         return run_objective(rt, self.vector_objective(rt, msg, state))
@@ -146,7 +146,7 @@ class Algorithm:
     # executor then trains many clients at once with torch.func. A subclass that changes the update must set it again.
     vectorizable: ClassVar[bool] = False
 
-    def vector_objective(self, rt: "ClientRuntime", msg: Message, state: State) -> Objective:
+    def vector_objective(self, rt: ClientRuntime, msg: Message, state: State) -> Objective:
         """The local update as an :class:`~fedforge.core.objective.Objective` (pure losses over phases), which both
         the sequential loop (:meth:`local_update`) and the vectorized executor run. Default: FedAvg's update, SGD on
         :meth:`loss` (cross-entropy) from the received model, uploading the trained model."""
@@ -160,10 +160,10 @@ class Algorithm:
         """Weights of the client's personal model (personalized methods override or keep them in state)."""
         return {**model_entries(msg), **model_entries(state)}
 
-    def predict(self, rt: "ClientRuntime", x: torch.Tensor) -> torch.Tensor:
+    def predict(self, rt: ClientRuntime, x: torch.Tensor) -> torch.Tensor:
         return rt.model(x)
 
-    def evaluate(self, rt: "ClientRuntime", msg: Message, state: State) -> dict[str, EvalCounts]:
+    def evaluate(self, rt: ClientRuntime, msg: Message, state: State) -> dict[str, EvalCounts]:
         out: dict[str, EvalCounts] = {}
         if self.has_global:
             rt.load(self.global_params(msg))
@@ -173,6 +173,6 @@ class Algorithm:
             out["personalized"] = rt.evaluate(lambda x: self.predict(rt, x))
         return out
 
-    def finetune(self, rt: "ClientRuntime", msg: Message, state: State) -> State:
+    def finetune(self, rt: ClientRuntime, msg: Message, state: State) -> State:
         """After the last round (``has_finetune``): adapt the client's model and return its new state."""
         return state

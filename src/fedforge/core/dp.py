@@ -136,7 +136,7 @@ class ClientDP:
     planned_steps: tuple[int, ...]
     sigmas: tuple[float, ...]
 
-    def sgd(self, cid: int, generator: torch.Generator) -> "DPSGD":
+    def sgd(self, cid: int, generator: torch.Generator) -> DPSGD:
         return DPSGD(self.max_grad_norm, self.sigmas[cid], generator)
 
     def epsilon_after(self, cid: int, steps: int) -> float:

@@ -24,7 +24,7 @@ from .runtime import Task, Worker, WorkerSpec
 
 log = logging.getLogger("fedforge")
 
-EXECUTORS: Registry[type["Executor"]] = Registry("executor", "choose sequential, process, ray or vectorized",
+EXECUTORS: Registry[type[Executor]] = Registry("executor", "choose sequential, process, ray or vectorized",
                                                   populate=("fedforge.core.vectorized",
                                                             "fedforge.integrations.ray",
                                                             "fedforge.integrations.flower"))
@@ -332,7 +332,7 @@ class Executor(ABC):
     def close(self) -> None:
         pass
 
-    def __enter__(self) -> "Executor":
+    def __enter__(self) -> Executor:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -150,7 +150,7 @@ class StopSignals:
         self.on_signal = on_signal
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if threading.current_thread() is not threading.main_thread():
             return self  # signal handlers can only be set from the main thread
         for name in self.SIGNALS:

@@ -21,7 +21,7 @@ class HyperParams:
     owner: ClassVar[str] = ""
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None, owner: str = "") -> "HyperParams":
+    def from_dict(cls, values: dict[str, Any] | None, owner: str = "") -> HyperParams:
         who = owner or cls.owner or "algorithm"
         obj = from_mapping(cls, values, who, paper_default=True, what="hyper-parameter")
         obj.validate(who)

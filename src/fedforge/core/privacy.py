@@ -73,7 +73,7 @@ class ServerDP:
             return self.noise
         return (self.noise ** -2 - (2 * self.count_noise) ** -2) ** -0.5
 
-    def check(self) -> "ServerDP":
+    def check(self) -> ServerDP:
         if self.quantile is not None and self.noise > 0 and self.noise >= 2 * self.count_noise:
             raise ConfigError(f"adaptive clipping spends part of the noise on counting clipped updates (σ_b = m/20 = "
                               f"{self.count_noise:g} for {self.cohort} clients a round), so --server-dp-noise must stay "

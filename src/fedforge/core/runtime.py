@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Callable, ContextManager, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch

@@ -34,8 +34,16 @@ from .checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, CheckpointW
 from .context import Context
 from .engine import FailureStop, Progress, RoundEngine, Schedule, StopRequested, select_clients
 from .executors import Executor, deterministic, make_executor
-from .faults import (AlreadyComplete, ClientFailure, FaultPlan, RunInterrupted, RunStopped, StopSignals,
-                     TooManyFailures, signal_name)
+from .faults import (
+    AlreadyComplete,
+    ClientFailure,
+    FaultPlan,
+    RunInterrupted,
+    RunStopped,
+    StopSignals,
+    TooManyFailures,
+    signal_name,
+)
 from .injection import FaultInjector
 from .memory import peak_gpu_memory_mb, start_run
 from .messages import to_device
@@ -118,7 +126,7 @@ class SessionHooks:
     instrumentation. ``wrap_executor(executor, session)`` returns the executor the engine uses; ``checkpoint_writer``
     replaces the plain :class:`CheckpointWriter`; ``listeners`` receive the engine's events too."""
 
-    wrap_executor: Callable[[Executor, "Simulation"], Executor] | None = None
+    wrap_executor: Callable[[Executor, Simulation], Executor] | None = None
     checkpoint_writer: CheckpointWriter | None = None
     listeners: list = field(default_factory=list)
 

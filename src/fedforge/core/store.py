@@ -38,7 +38,7 @@ from .messages import State
 
 log = logging.getLogger("fedforge")
 
-STORES: Registry[type["StateStore"]] = Registry("state store", "choose memory, disk or auto")
+STORES: Registry[type[StateStore]] = Registry("state store", "choose memory, disk or auto")
 
 # --state-store auto: client states move to disk once clients × (mean bytes of a stored state) would pass this
 # (10^9 bytes). 500 Ditto clients of the CIFAR CNN hold 1.7 GB of personal models: in memory their run peaked at

@@ -35,7 +35,7 @@ class TrainStats:
     def as_dict(self) -> dict[str, float]:
         return {"loss": self.loss, "samples": self.samples, "steps": self.steps}
 
-    def merge(self, other: "TrainStats") -> "TrainStats":
+    def merge(self, other: TrainStats) -> TrainStats:
         n = self.samples + other.samples
         loss = (self.loss * self.samples + other.loss * other.samples) / n if n else 0.0
         return TrainStats(loss, n, self.steps + other.steps)

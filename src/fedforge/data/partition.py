@@ -352,7 +352,7 @@ class Partition:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Partition":
+    def load(cls, path: str | os.PathLike) -> Partition:
         path = Path(path)
         if path.is_dir():
             path = path / "partition.npz"

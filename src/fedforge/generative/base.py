@@ -22,7 +22,7 @@ import torch
 from ..errors import FedforgeError
 from ..registry import Registry
 
-GENERATORS: Registry[Callable[..., "Generator"]] = Registry(
+GENERATORS: Registry[Callable[..., Generator]] = Registry(
     "generator", "see `fedforge list generators`",
     populate=("fedforge.generative.builtin", "fedforge.generative.diffusion", "fedforge.generative.stylegan"))
 

@@ -194,7 +194,7 @@ def group_runs(paths: Iterable[str | os.PathLike], by_seed: bool = True,
         g.configs.append(cfg)
         g.summaries.append(summary)
         g.metrics.append(metrics)
-        g.set_params |= set((cfg.get("params") or {}))
+        g.set_params |= set(cfg.get("params") or {})
     out = list(groups.values())
     for g in out:
         order = sorted(range(g.n), key=lambda j: (g.seeds[j] is None, g.seeds[j] if isinstance(g.seeds[j], int) else 0))

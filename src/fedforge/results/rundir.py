@@ -37,7 +37,7 @@ class RunDir:
 
     # ------------------------------------------------------------------------------------------- setup
     @classmethod
-    def create(cls, path: str | os.PathLike) -> "RunDir":
+    def create(cls, path: str | os.PathLike) -> RunDir:
         path = Path(path)
         if path.exists() and (not path.is_dir() or any(path.iterdir())):
             raise ConfigError(f"run directory {path} already exists and is not empty; choose another --out.")

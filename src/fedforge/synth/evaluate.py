@@ -35,7 +35,7 @@ class EvalSettings:
     lr: float | None = None  # default: 0.05 (linear head on centred, scaled features), 0.02 (full model)
     seed: int = 0
 
-    def resolved(self) -> "EvalSettings":
+    def resolved(self) -> EvalSettings:
         lin = self.classifier == "linear"
         return EvalSettings(self.classifier, self.epochs or (100 if lin else 20), self.batch_size,
                             self.lr or (0.05 if lin else 0.02), self.seed)

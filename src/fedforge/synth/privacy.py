@@ -20,8 +20,8 @@ Composition used (basic / sequential composition of pure and approximate DP, Dwo
 """
 from __future__ import annotations
 
-import math
 import importlib.util
+import math
 import warnings
 from dataclasses import dataclass, field
 

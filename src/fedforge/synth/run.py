@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,11 +24,11 @@ import numpy as np
 
 from ..data import Dataset, load_dataset, write_cache
 from ..errors import ConfigError, DataError
-from ..options import option, validate_fields
 from ..generative.base import Generator, load_generator
+from ..options import option, validate_fields
 from .encoder import Encoder, load_encoder
 from .evaluate import MODES, DownstreamEvaluator, EvalSettings
-from .protocol import SELECTORS, Client, Server, strength_schedule
+from .protocol import SELECTORS, Client, Server
 
 log = logging.getLogger("fedforge")
 
@@ -80,7 +79,7 @@ class SynthConfig:
     device: str = option("cpu", "cpu or cuda[:N]")
     grid_columns: int = option(10, "candidates shown per class in the grids", ge=1)
 
-    def validate(self) -> "SynthConfig":
+    def validate(self) -> SynthConfig:
         validate_fields(self, flags=True)
         if self.strength_min > self.strength:
             raise ConfigError("variation strengths need --strength-min ≤ --strength.")
