@@ -70,7 +70,7 @@ def main() -> None:
     for name, rows in runs.items():
         at = next((r for r in rows if r["round"] == rnd), None)
         upto = [r for r in rows if r["round"] <= rnd]
-        best = lambda k: max((r[k] for r in upto if r.get(k) is not None), default=None)  # noqa: E731
+        best = lambda k, upto=upto: max((r[k] for r in upto if r.get(k) is not None), default=None)  # noqa: E731
         if at is None:
             print(f"| {name} | not evaluated at round {rnd} | | | |" + " |" * len(keys))
             continue

@@ -53,7 +53,7 @@ class FedDBEDiag(FedDBE):
         return out
 
 if __name__ == "__main__":
-    kappa = float(sys.argv[1]); ds = sys.argv[2]; rounds = int(sys.argv[3]); out = sys.argv[4]
+    kappa, ds, rounds, out = float(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
     res = fedforge.run(algorithm="feddbe_diag", dataset=ds, partition="dirichlet", alpha=0.1, clients=20, model="cnn",
                        rounds=rounds, lr=0.005, batch_size=10, local_epochs=1, eval_every=int(os.environ.get("EVERY", 2)),
                        seed=0, params={"kappa": kappa, "momentum": 1.0}, out=out, data_root=os.environ.get("FEDFORGE_DATA", "../shared/data"),

@@ -37,7 +37,7 @@ def main() -> int:
         res = fedforge.run(algorithm="fedavg", seed=s, **common)
         times[s] = (time.perf_counter() - t, res.summary["seconds_per_round"])
         curves[s] = [r["global_acc"] for r in res.records if r["round"] >= 1]
-        print(f"fedavg seed {s}: {['%.3f' % v for v in curves[s]]}", file=sys.stderr)
+        print(f"fedavg seed {s}: {[f'{v:.3f}' for v in curves[s]]}", file=sys.stderr)
     loc = fedforge.run(algorithm="local", seed=a.seeds[0], **common)
     local_curve = [r["personalized_acc"] for r in loc.records if r["round"] >= 1]
     mean = [statistics.mean(c[i] for c in curves.values()) for i in range(a.rounds)]

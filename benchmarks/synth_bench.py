@@ -269,7 +269,7 @@ def main() -> None:
             print(shipped_generator())
         except SystemExit as e:
             print(e)
-            raise SystemExit(1)
+            raise SystemExit(1) from None
         return
     if args.table:
         for tag in sorted({r["tag"] for r in _done().values()}):

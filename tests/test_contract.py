@@ -40,5 +40,5 @@ def test_every_algorithm_runs_twice_identically(name):
 def test_every_algorithm_documents_itself(name):
     cls = ALGORITHMS.get(name)
     assert cls.__doc__ or __import__(cls.__module__, fromlist=["x"]).__doc__, f"{name} has no docstring citing its paper"
-    for fname, default, help_ in cls.Params.describe():
+    for fname, _default, help_ in cls.Params.describe():
         assert help_, f"{name}.{fname} has no one-line meaning"

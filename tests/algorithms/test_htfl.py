@@ -166,7 +166,7 @@ def test_fedkd_compressed_upload_is_smaller_than_the_mentee():
     sim, seen = simulate("fedkd")
     res = sim.run()
     mentee = sum(v.numel() for v in sim.ctx.build_model("cnn").state_dict().values())
-    for rnd, updates in seen.items():
+    for updates in seen.values():
         for u in updates:
             assert all(k.startswith(("delta/svd/", "delta/raw/")) for k in u.upload)
             assert any("/svd/" in k for k in u.upload)

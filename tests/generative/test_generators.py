@@ -33,7 +33,7 @@ def check_interface(g, n: int = 3) -> np.ndarray:
     near = g.vary(z, 0.2, 1)
     assert near.shape == z.shape
     assert (near - z).norm() < (g.sample_prior(n, 1) - z).norm()
-    with pytest.raises(GeneratorError, match=r"shape \(n, %d\)" % g.latent_dim):
+    with pytest.raises(GeneratorError, match=rf"shape \(n, {g.latent_dim}\)"):
         g.synthesize(torch.zeros(n, g.latent_dim + 1))
     with pytest.raises(GeneratorError, match="strength"):
         g.vary(z, 1.5)

@@ -157,7 +157,7 @@ def fedbn_bn_spec():
 
     def pf_sync(h, srv, st):
         with torch.no_grad():
-            for (k, p), n in zip(srv.global_model.state_dict(keep_vars=True).items(), ff_names(h)):
+            for p, n in zip(srv.global_model.state_dict(keep_vars=True).values(), ff_names(h)):
                 if n in st:
                     p.copy_(st[n])
 

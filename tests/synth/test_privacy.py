@@ -39,7 +39,7 @@ def test_pe_reports_the_additive_and_opacus_prv_epsilon_and_claims_the_smaller()
     from opacus.accountants import PRVAccountant
 
     acc = PrivacyAccountant("pe", 0.5, num_classes=10, delta_per_iteration=0.01)
-    for t in range(1, 9):
+    for _ in range(8):
         acc.spend()
     prv = PRVAccountant()  # Opacus directly: 8 Gaussian mechanisms of the analytic σ, no subsampling, δ = 8 · 0.01
     prv.history = [(gaussian_sigma(0.5, 0.01), 1.0, 8)]
@@ -70,7 +70,6 @@ def test_infinite_epsilon_and_non_private_selectors():
 def test_analytic_gaussian_sigma_is_tight_and_below_the_classical_one():
     for eps, delta in ((0.2, 0.01), (1.0, 1e-5), (4.0, 1e-3)):
         s = gaussian_sigma(eps, delta)
-        a, b = 1 / (2 * s), eps * s
 
         def lhs(sig):
             a, b = 1 / (2 * sig), eps * sig
