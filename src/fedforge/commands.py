@@ -24,7 +24,8 @@ COMMANDS: Registry[Command] = Registry("command", populate=("fedforge.generative
                                                          "fedforge.integrations.flower_deploy", "fedforge.attacks.cli"))
 
 
-def register_command(name: str, help: str) -> Callable:
+def register_command(name: str, help: str) -> Callable[[Callable[[argparse.Namespace], int]],
+                                                      Callable[[argparse.Namespace], int]]:
     """Decorator for a sub-command's handler; the handler's ``arguments`` decorator registers its parser filler."""
 
     def deco(fn: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

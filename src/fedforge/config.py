@@ -23,7 +23,7 @@ class RunConfig:
     algorithm: str = opt("fedavg", "algorithm name (see `fedforge list algorithms`)")
     dataset: str = opt("digits", "dataset: a name, npz:PATH, folder:PATH or pfllib:DIR")
     model: str = opt("cnn", "model or model group (see `fedforge list models`)")
-    model_assignment: list | None = opt(None, "architecture index of each client in the model group, e.g. 0,1,1,0 (default: client i gets i mod K)")
+    model_assignment: list[int] | None = opt(None, "architecture index of each client in the model group, e.g. 0,1,1,0 (default: client i gets i mod K)")
     partition: str = opt("dirichlet", "partitioner: iid, dirichlet, pathological, exdir, shards, or domains (feature "
                                       "shift, see --domains) (ignored for pfllib:)")
     alpha: float = opt(0.1, "Dirichlet concentration (dirichlet, exdir)", gt=0)
@@ -81,7 +81,7 @@ class RunConfig:
     gpu_memory: float | None = opt(None, "vectorized executor: device memory budget in GB that sizes its chunks of clients "
                                          "(default: --workers, else 100, clients at a time)", gt=0)
     ray_address: str | None = opt(None, "Ray cluster for the ray executor (default: $RAY_ADDRESS, else a local cluster)")
-    devices: list = opt([], "GPUs of the process/ray workers, e.g. cuda:0,cuda:1 (default: with --device cuda, worker i "
+    devices: list[str] = opt([], "GPUs of the process/ray workers, e.g. cuda:0,cuda:1 (default: with --device cuda, worker i "
                             "uses GPU i mod the number visible); the server stays on --device")
     state_store: str = opt("auto", "where client states live: memory, disk (one checksummed file per client), or auto "
                                    "(memory until the clients' states are projected to pass 1 GB, then disk)",
@@ -93,8 +93,8 @@ class RunConfig:
                                      "CUBLAS_WORKSPACE_CONFIG=:4096:8, cuDNN deterministic): exact resume on a GPU, "
                                      "at some speed (docs/reliability.md)")
     out: str | None = opt(None, "run directory (default: runs/<dataset>_<algorithm>_<time>)")
-    tracker: list = opt([], "experiment tracker: tensorboard, wandb or mlflow (repeatable)")
-    params: dict = opt({}, "algorithm hyper-parameters (YAML mapping; --set key=value)", flag=False)
+    tracker: list[str] = opt([], "experiment tracker: tensorboard, wandb or mlflow (repeatable)")
+    params: dict[str, Any] = opt({}, "algorithm hyper-parameters (YAML mapping; --set key=value)", flag=False)
     # reliability (docs/reliability.md)
     checkpoint_every: int = opt(10, "write a resumable checkpoint every N rounds (0: only at the end); always at the end", ge=0)
     fail_rate: float = opt(0.0, "inject failures (exception, timeout, straggler) into this share of local updates", ge=0, le=1)
@@ -193,7 +193,7 @@ def _index_list(value: Any) -> list[int]:
     try:
         if isinstance(items, (str, bytes)) or not items:
             raise ValueError
-        out = []
+        out: list[int] = []
         for v in items:
             if isinstance(v, bool) or (isinstance(v, float) and not v.is_integer()):
                 raise ValueError
@@ -227,7 +227,7 @@ def parse_assignments(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
+def load_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist.")
@@ -266,7 +266,8 @@ def build_config(base: dict[str, Any] | None = None, overrides: dict[str, Any] |
 
 
 def dump_yaml(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    text: str = yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    return text
 
 
 # ------------------------------------------------------------------------------------- command line

@@ -17,7 +17,7 @@ import collections.abc
 import dataclasses
 import math
 import typing
-from typing import Any, Iterable, TypeVar
+from typing import Any, Callable, Iterable, TypeVar
 
 from .errors import ConfigError, suggest
 
@@ -34,7 +34,7 @@ def option(default: Any, help: str, *, flag: bool = True, metavar: str | None = 
     return dataclasses.field(default=default, metadata=meta)
 
 
-def kind(cls: type, f: dataclasses.Field) -> tuple[str, bool]:
+def kind(cls: type, f: dataclasses.Field[Any]) -> tuple[str, bool]:
     """(base type name: bool, int, float, str, list, dict or other; whether None is allowed) of a field."""
     hint = _hints(cls).get(f.name, f.type)
     optional = False
@@ -66,7 +66,7 @@ def _label(owner: str, name: str) -> str:
     return f"{owner}: {name}" if owner else name
 
 
-def coerce(cls: type, f: dataclasses.Field, value: Any, owner: str = "", label: str | None = None) -> Any:
+def coerce(cls: type, f: dataclasses.Field[Any], value: Any, owner: str = "", label: str | None = None) -> Any:
     """``value`` as the field's declared type, or a :class:`ConfigError` naming the option and its meaning."""
     t, optional = kind(cls, f)
     name = label or _label(owner, f.name)
@@ -105,7 +105,7 @@ def coerce(cls: type, f: dataclasses.Field, value: Any, owner: str = "", label: 
             items = [value] if isinstance(value, str) else value
             if not isinstance(items, (list, tuple)):
                 raise ValueError
-            out: list = []
+            out: list[Any] = []
             for v in items:  # "a,b", ["a", "b"] and ["a,b"] mean the same
                 if isinstance(v, str):
                     out.extend(x.strip() for x in v.split(",") if x.strip())
@@ -122,7 +122,7 @@ def coerce(cls: type, f: dataclasses.Field, value: Any, owner: str = "", label: 
     return value
 
 
-def check(f: dataclasses.Field, value: Any, owner: str = "", label: str | None = None,
+def check(f: dataclasses.Field[Any], value: Any, owner: str = "", label: str | None = None,
           paper_default: bool = False) -> None:
     """The field's range and choice checks; a :class:`ConfigError` says what is allowed."""
     if value is None:
@@ -134,9 +134,11 @@ def check(f: dataclasses.Field, value: Any, owner: str = "", label: str | None =
             raise ConfigError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got '{value}'"
                               f"{suggest(str(value), [str(c) for c in m['choices']])}.")
         return
-    conds = []
-    for key, op, ok in (("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
-                        ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b)):
+    conds: list[tuple[bool, str]] = []
+    tests: tuple[tuple[str, str, Callable[[Any, Any], bool]], ...] = (
+        ("ge", ">=", lambda a, b: a >= b), ("gt", ">", lambda a, b: a > b),
+        ("le", "<=", lambda a, b: a <= b), ("lt", "<", lambda a, b: a < b))
+    for key, op, ok in tests:
         if m.get(key) is not None:
             conds.append((ok(value, m[key]), f"{op} {m[key]}"))
     if conds and not all(ok for ok, _ in conds):
@@ -183,7 +185,7 @@ def add_arguments(parser: argparse.ArgumentParser | Any, cls: type, skip: Iterab
         flag = "--" + f.name.replace("_", "-")
         t, _ = kind(cls, f)
         default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)  # type: ignore[misc]
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         help_ = f"{f.metadata.get('help', '')} (default: {default})"
         if f.metadata.get("choices"):
             help_ += f"; one of {', '.join(map(str, f.metadata['choices']))}"

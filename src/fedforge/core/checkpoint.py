@@ -61,7 +61,7 @@ class Checkpoint:
     rng: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
     _clients: list[int] = field(default_factory=list, repr=False)
-    _index: list[list] = field(default_factory=list, repr=False)
+    _index: list[list[Any]] = field(default_factory=list, repr=False)
 
     @property
     def client_ids(self) -> list[int]:
@@ -89,13 +89,14 @@ class Checkpoint:
 # --------------------------------------------------------------------------------------- RNG states
 def capture_rng() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The process's global random states: (JSON part, tensor part)."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)  # the default, named: numpy's stubs pick the dict form otherwise
+    assert isinstance(np_state, tuple)  # the legacy form is a tuple unless the generator is not MT19937
     py_state = random.getstate()
     meta = {"numpy": {"kind": np_state[0], "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
                       "cached_gaussian": float(np_state[4])},
             "python": {"version": py_state[0], "state": list(py_state[1]), "gauss_next": py_state[2]}}
     tensors = {"torch": torch.get_rng_state(), "numpy": torch.from_numpy(np.asarray(np_state[1], dtype=np.uint32).view(np.int32).copy())}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"cuda{i}"] = s
     return meta, tensors
@@ -121,7 +122,7 @@ def restore_rng(meta: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) ->
 
 # --------------------------------------------------------------------------------------------- write
 def _as_tensor(group: str, cid: int | None, key: str, v: Any) -> torch.Tensor:
-    where = "server state" if group == "server" else ("client %d state" % cid if group == "client" else "RNG state")
+    where = "server state" if group == "server" else (f"client {cid} state" if group == "client" else "RNG state")
     if not torch.is_tensor(v):
         raise CheckpointError(f"{where} entry '{key}' is a {type(v).__name__}, not a tensor; algorithms must keep "
                               f"all state as tensors so that checkpoints can hold it.")
@@ -138,7 +139,7 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
     t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.view(torch.uint8).numpy())
+    return memoryview(t.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy stubs: __buffer__ only on 3.12+
 
 
 def _entries(server: Mapping[str, Any], clients: Iterable[tuple[int, Mapping[str, Any]]],
@@ -152,12 +153,13 @@ def _entries(server: Mapping[str, Any], clients: Iterable[tuple[int, Mapping[str
         yield "rng", None, k, _as_tensor("rng", None, k, v)
 
 
-def _in_order(index: list[list], server: Mapping[str, Any], clients: Iterable[tuple[int, Mapping[str, Any]]],
+def _in_order(index: list[list[Any]], server: Mapping[str, Any], clients: Iterable[tuple[int, Mapping[str, Any]]],
               rng_tensors: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, int | None, str, torch.Tensor]]:
     """The tensors named by ``index`` (group, cid, key), in its order, reading each client's state once."""
     groups = {"server": server, "rng": rng_tensors}
     it = iter(clients)
-    cid_now, state = None, None
+    cid_now: int | None = None
+    state: Mapping[str, Any] | None = None
     for group, cid, key in index:
         if group == "client":
             if cid != cid_now:
@@ -170,6 +172,7 @@ def _in_order(index: list[list], server: Mapping[str, Any], clients: Iterable[tu
                     raise CheckpointError("the set of clients changed while the checkpoint was being written; "
                                           "this is a bug in the state store.")
                 cid_now = cid
+            assert state is not None  # the client's state was found above (or it raised)
             src = state
         else:
             src = groups[group]
@@ -190,7 +193,7 @@ class CheckpointWriter:
     def write_manifest(self, path: Path, text: str) -> None:
         atomic_write_text(path, text)
 
-    def save(self, run_dir: str | os.PathLike, rnd: int, server: Mapping[str, torch.Tensor],
+    def save(self, run_dir: str | os.PathLike[str], rnd: int, server: Mapping[str, torch.Tensor],
              clients: Callable[[], Iterable[tuple[int, Mapping[str, torch.Tensor]]]], info: dict[str, Any],
              final: bool = False) -> Path:
         """Write the checkpoint of round ``rnd`` atomically and make it the current one; return its path.
@@ -204,7 +207,7 @@ class CheckpointWriter:
 
         # pass 1: the header (names, dtypes, shapes, offsets) and the index of what each tensor is
         header: dict[str, Any] = {}
-        index: list[list] = []
+        index: list[list[Any]] = []
         client_ids: list[int] = []
         offset = 0
         for i, (group, cid, key, t) in enumerate(_entries(server, _with_ids(clients(), client_ids), rng_tensors)):
@@ -232,7 +235,7 @@ class CheckpointWriter:
             written = 0
             # pass 2 writes in pass 1's order, looked up by name: a store may hand out a state's keys in a different
             # order each time it is read (safetensors does), so the order is never taken from the second reading
-            for i, (group, cid, key, t) in enumerate(_in_order(index, server, clients(), rng_tensors)):
+            for i, (group, _cid, key, t) in enumerate(_in_order(index, server, clients(), rng_tensors)):
                 spec = header[f"t{i}"]
                 if _DTYPES[t.dtype] != spec["dtype"] or list(t.shape) != spec["shape"]:
                     raise CheckpointError(f"{group} state entry '{key}' changed while the checkpoint was being "
@@ -256,7 +259,7 @@ class CheckpointWriter:
         return path
 
 
-def save_checkpoint(run_dir: str | os.PathLike, rnd: int, server: Mapping[str, torch.Tensor],
+def save_checkpoint(run_dir: str | os.PathLike[str], rnd: int, server: Mapping[str, torch.Tensor],
                     clients: Callable[[], Iterable[tuple[int, Mapping[str, torch.Tensor]]]], info: dict[str, Any],
                     final: bool = False) -> Path:
     """:meth:`CheckpointWriter.save` with the plain writer."""
@@ -283,7 +286,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- read
-def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+def has_checkpoint(run_dir: str | os.PathLike[str]) -> bool:
     return (Path(run_dir) / CHECKPOINT_DIR / MANIFEST).is_file()
 
 
@@ -295,7 +298,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
+def load_checkpoint(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
     """The current checkpoint of a run directory (None when it has none), verified against its manifest."""
     folder = Path(run_dir) / CHECKPOINT_DIR
     mpath = folder / MANIFEST
@@ -323,7 +326,7 @@ def load_checkpoint(run_dir: str | os.PathLike) -> Checkpoint | None:
     return read_checkpoint_file(path, fix)
 
 
-def read_checkpoint_file(path: str | os.PathLike, fix: str = "write a new checkpoint") -> Checkpoint:
+def read_checkpoint_file(path: str | os.PathLike[str], fix: str = "write a new checkpoint") -> Checkpoint:
     """Parse a checkpoint file (after its checksum was verified); any defect is a :class:`CheckpointError`."""
     from safetensors import SafetensorError, safe_open
 

@@ -231,7 +231,8 @@ def _vmapped(model: nn.Module, names: list[str], params: Sequence[torch.Tensor],
 
 def _looped(model: nn.Module, params: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor], x: torch.Tensor,
             y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    losses, per = [], [[] for _ in params]
+    losses: list[torch.Tensor] = []
+    per: list[list[torch.Tensor]] = [[] for _ in params]
     for i in range(int(y.shape[0])):
         loss = loss_fn(model, x[i:i + 1], y[i:i + 1])
         gs = torch.autograd.grad(loss, list(params), allow_unused=True)
@@ -273,7 +274,7 @@ class DPSGD:
     generator: torch.Generator | None = None
 
     def gradients(self, model: nn.Module, params: Sequence[torch.Tensor], loss_fn: Callable[..., torch.Tensor],
-                  x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], ContextManager]
+                  x: torch.Tensor, y: torch.Tensor, autocast: Callable[[], ContextManager[Any]]
                   ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(the batch's mean loss, the private gradient of each tensor in ``params``)."""
         with autocast():

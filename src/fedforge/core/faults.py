@@ -74,7 +74,7 @@ class ClientFailure:
     traceback: str | None = None
     exc: BaseException | None = field(default=None, repr=False, compare=False)
 
-    def __getstate__(self) -> dict:  # exceptions do not always pickle; the text is what travels
+    def __getstate__(self) -> dict[str, Any]:  # exceptions do not always pickle; the text is what travels
         d = dict(self.__dict__)
         d["exc"] = None
         return d
@@ -164,7 +164,7 @@ class StopSignals:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        for sig, prev in self._previous.items():  # a second signal acts at once
+        for sig, _prev in self._previous.items():  # a second signal acts at once
             signal.signal(sig, signal.default_int_handler if sig == signal.SIGINT else signal.SIG_DFL)
         self.on_signal(signum)
 

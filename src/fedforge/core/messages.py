@@ -64,13 +64,13 @@ def weighted_average(dicts: Sequence[Mapping[str, torch.Tensor]], weights: Seque
     w = torch.tensor([float(x) for x in weights], dtype=torch.float64)
     if w.sum() <= 0:
         w = torch.ones_like(w)
-    w = (w / w.sum()).tolist()
+    shares: list[float] = (w / w.sum()).tolist()
     out: Message = {}
     for k in keys:
         first = dicts[0][k]
         if first.is_floating_point() or first.is_complex():
             acc = torch.zeros_like(first, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32)
-            for d, wi in zip(dicts, w):
+            for d, wi in zip(dicts, shares):
                 acc.add_(d[k].to(acc.dtype) * wi)  # multiply, then add (as PFLlib: its aggregates are then bit-identical)
             out[k] = acc.to(first.dtype)
         else:

@@ -36,7 +36,7 @@ class ServerOptimizer:
     beta2: float = 0.99
     tau: float = 1e-3
 
-    def check(self, server: dict, params: set[str]) -> set[str]:
+    def check(self, server: dict[str, torch.Tensor], params: set[str]) -> set[str]:
         """The server-state entries it steps (the model's floating parameters), or a ConfigError when there are none."""
         names = {k for k in params if k in server and server[k].is_floating_point()}
         if not names:
@@ -44,7 +44,8 @@ class ServerOptimizer:
                               f"state holds none (it shares prototypes, logits or heads only); leave --server-opt out.")
         return names
 
-    def step(self, old: dict, new: dict, names: set[str]) -> dict:
+    def step(self, old: dict[str, torch.Tensor], new: dict[str, torch.Tensor],
+             names: set[str]) -> dict[str, torch.Tensor]:
         """The server state after the optimiser's step from ``old`` (which holds the optimiser's state under
         ``server_opt/``) given the algorithm's aggregate ``new``."""
         out = dict(new)
@@ -74,6 +75,6 @@ class ServerOptimizer:
         return out
 
 
-def algorithm_view(server: dict) -> dict:
+def algorithm_view(server: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The server state as the algorithm knows it (without the server optimiser's or the privacy step's state)."""
     return {k: v for k, v in server.items() if not k.startswith(RESERVED)}

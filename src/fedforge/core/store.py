@@ -68,7 +68,7 @@ class StateStore(ABC):
     def __len__(self) -> int:
         return len(self.cids())
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (an optional hook: a store without files or handles has nothing to close)
         pass
 
 
@@ -98,7 +98,7 @@ def _raw_bytes(t: torch.Tensor) -> memoryview:
     flat = t.detach().contiguous().reshape(-1)
     if flat.numel() == 0:
         return memoryview(b"")
-    return memoryview(flat.view(torch.uint8).numpy())
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy stubs: __buffer__ only on 3.12+
 
 
 def state_digest(state: State) -> str:
@@ -134,7 +134,7 @@ class DiskStore(StateStore):
     leaves the previous state intact.
     """
 
-    def __init__(self, path: str | os.PathLike | None = None, fresh: bool = True, clear: bool = False, **_: Any):
+    def __init__(self, path: str | os.PathLike[str] | None = None, fresh: bool = True, clear: bool = False, **_: Any):
         self._tmp = path is None
         self.path = Path(tempfile.mkdtemp(prefix="fedforge-states-")) if path is None else Path(path)
         try:
@@ -284,7 +284,7 @@ class AutoStore(StateStore):
         self.inner.close()
 
 
-def open_store(kind: str = "auto", path: str | os.PathLike | None = None, run_dir: str | os.PathLike | None = None,
+def open_store(kind: str = "auto", path: str | os.PathLike[str] | None = None, run_dir: str | os.PathLike[str] | None = None,
                fresh: bool = True, clear: bool = False, num_clients: int = 1, limit: int | None = None) -> StateStore:
     """The state store a run asked for: ``memory``, ``disk`` under ``path`` (default ``<run_dir>/client_states``,
     or a temporary folder when the run keeps no directory), or ``auto`` for ``num_clients`` clients (memory, then
