@@ -39,9 +39,6 @@ EXEMPT_METHODS = frozenset({"__init__", "init_server"})
 
 # (file relative to fedforge/, enclosing function's qualified name, factory | "numpy" | builder) → why it is right.
 CPU_ONLY: dict[tuple[str, str, str], str] = {
-    ("algorithms/fedfomo.py", "split_positions", "Generator"):
-        "the validation split is drawn on the CPU so that it is the same on every device; the callers move the "
-        "positions to the data's device",
     ("algorithms/fedktl.py", "FedKTL._server_rng", "Generator"):
         "the generators' sample_prior (fedforge.generative) draws on the CPU; align moves the permutations and the "
         "prior samples to the server's device",

@@ -33,7 +33,7 @@ from ..core.messages import Message, State, model_entries, under
 from ..core.params import HyperParams, hp
 from ..core.training import eval_loop
 from ..errors import ConfigError
-from .mechanics import mix_params, sq_distance
+from .mechanics import holdout_positions, mix_params, sq_distance
 
 
 @dataclass(frozen=True)
@@ -52,14 +52,8 @@ class FedFomoParams(HyperParams):
 def split_positions(n: int, ratio: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fixed (validation, training) positions within a client's training indices, on the CPU (the same split on
     every device; the callers move them to the data's device)."""
-    nv = int(round(n * ratio)) if ratio > 0 else 0
-    if ratio > 0 and n >= 2:
-        nv = min(max(nv, 1), n - 1)
-    else:
-        nv = 0
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(n, generator=gen, device=gen.device)
-    return perm[:nv], perm[nv:]
+    nv = min(max(int(round(n * ratio)), 1), n - 1) if ratio > 0 and n >= 2 else 0
+    return holdout_positions(n, nv, seed)
 
 
 @register_algorithm("fedfomo", summary="FedFomo (Zhang et al., ICLR 2021): per-client weighted download of other clients' models")
