@@ -9,7 +9,7 @@ engine (client state in a state store), never in live per-client objects.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, TypeVar
 
 import torch
 
@@ -64,10 +64,13 @@ def family_of(cls: type[Algorithm]) -> str:
     return "HtFL" if cls.heterogeneous else "pFL" if cls.personalized else "tFL"
 
 
-def register_algorithm(name: str, **meta: Any):
+_A = TypeVar("_A", bound="Algorithm")
+
+
+def register_algorithm(name: str, **meta: Any) -> Callable[[type[_A]], type[_A]]:
     """Class decorator: register an Algorithm subclass under ``name``."""
 
-    def deco(cls: type[Algorithm]) -> type[Algorithm]:
+    def deco(cls: type[_A]) -> type[_A]:
         cls.name = name
         ALGORITHMS.add(name, cls, **meta)
         return cls
@@ -161,7 +164,8 @@ class Algorithm:
         return {**model_entries(msg), **model_entries(state)}
 
     def predict(self, rt: ClientRuntime, x: torch.Tensor) -> torch.Tensor:
-        return rt.model(x)
+        out: torch.Tensor = rt.model(x)
+        return out
 
     def evaluate(self, rt: ClientRuntime, msg: Message, state: State) -> dict[str, EvalCounts]:
         out: dict[str, EvalCounts] = {}

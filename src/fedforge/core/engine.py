@@ -33,7 +33,7 @@ from .algorithm import Algorithm, EvalResult, Update
 from .context import derive_seed
 from .executors import Executor
 from .faults import ClientFailure, DivergenceError, RunStopped, TooManyFailures, first_nonfinite, nonfinite_number
-from .messages import nbytes, numel, to_device
+from .messages import State, nbytes, numel, to_device
 from .privacy import Privacy
 from .runtime import Task
 from .server_opt import ServerOptimizer, algorithm_view
@@ -66,15 +66,15 @@ class Progress:
     """Everything that carries from one round to the next: exactly what a checkpoint holds."""
 
     round: int  # the last completed round (0: none yet)
-    server: dict
+    server: State
     store: StateStore
-    records: list[dict] = field(default_factory=list)
-    totals: dict = field(default_factory=lambda: {"bytes_up_total": 0, "bytes_down_total": 0, "params_up_total": 0,
-                                                  "params_down_total": 0})
+    records: list[dict[str, Any]] = field(default_factory=list)
+    totals: dict[str, Any] = field(default_factory=lambda: {"bytes_up_total": 0, "bytes_down_total": 0,
+                                                            "params_up_total": 0, "params_down_total": 0})
     train_seconds: float = 0.0
-    failures: list[dict] = field(default_factory=list)
-    round_info: dict = field(default_factory=lambda: {"loss": None, "bytes_up": 0, "bytes_down": 0, "params_up": 0,
-                                                      "params_down": 0, "clients": 0})
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    round_info: dict[str, Any] = field(default_factory=lambda: {"loss": None, "bytes_up": 0, "bytes_down": 0,
+                                                                "params_up": 0, "params_down": 0, "clients": 0})
     finetuned: bool = False
 
 
@@ -85,7 +85,7 @@ class EngineListener(Protocol):
     def updates_received(self, rnd: int, updates: list[Update], failures: list[ClientFailure]) -> None: ...
     def aggregated(self, rnd: int, progress: Progress) -> None: ...
     def evaluated(self, rnd: int, results: list[EvalResult], progress: Progress) -> None: ...
-    def record_written(self, record: dict, progress: Progress) -> None: ...
+    def record_written(self, record: dict[str, Any], progress: Progress) -> None: ...
 
 
 class Listeners:
@@ -132,7 +132,7 @@ class RoundEngine:
         self.num_clients = algo.ctx.num_clients
 
     # ------------------------------------------------------------------------------------------- loop
-    def start(self) -> dict:
+    def start(self) -> State:
         self.seed_server(0, "init")
         server = to_device(self.algo.init_server(), self.device)
         if self.server_opt is not None:
@@ -140,7 +140,7 @@ class RoundEngine:
             self._opt_names = self.server_opt.check(server, params)
         return server
 
-    def view(self, server: dict) -> dict:
+    def view(self, server: State) -> State:
         """The server state as the algorithm's hooks see it (the server optimiser's state kept apart)."""
         return algorithm_view(server) if (self.server_opt is not None or self.privacy is not None) else server
 
@@ -268,13 +268,14 @@ class RoundEngine:
                  for cid in range(self.num_clients))
         return list(self.executor.imap(tasks))  # lazily: a disk store never holds every state at once
 
-    def _eval_message(self, server: dict, cid: int, rnd: int, phase: str) -> dict:
+    def _eval_message(self, server: State, cid: int, rnd: int, phase: str) -> State:
         # tasks are made lazily, between other clients' work (which reseeds this process's streams in the
         # sequential executor): seed per client so that the message never depends on what ran before
         self.seed_server(rnd, phase, cid)
         return to_device(self.algo.eval_message(self.view(server), cid), CPU)
 
-    def record(self, rnd: int, prog: Progress, info: Mapping[str, Any] | None = None, stage: str | None = None) -> dict:
+    def record(self, rnd: int, prog: Progress, info: Mapping[str, Any] | None = None,
+               stage: str | None = None) -> dict[str, Any]:
         """Evaluate every client and append one metrics record to ``prog.records`` (``stage``: e.g. finetune)."""
         info = prog.round_info if info is None else info
         t0 = time.perf_counter()

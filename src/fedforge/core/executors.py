@@ -15,12 +15,18 @@ import os
 import pickle
 import re
 import traceback
-from abc import ABC
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import ConfigError, FedforgeError
 from ..registry import Registry
 from .runtime import Task, Worker, WorkerSpec
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+    from multiprocessing.process import BaseProcess
+
+    import torch
 
 log = logging.getLogger("fedforge")
 
@@ -144,7 +150,7 @@ def set_deterministic(on: bool) -> dict[str, Any]:
     if not on:
         return prev
     if prev["cublas"] is None:
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
+        if torch.cuda.is_available() and torch.cuda.is_initialized():  # type: ignore[no-untyped-call]
             log.warning("--deterministic: CUDA was already in use in this process before CUBLAS_WORKSPACE_CONFIG could "
                         "be set, so cuBLAS may not be deterministic here; set CUBLAS_WORKSPACE_CONFIG=%s in the "
                         "environment before starting Python", CUBLAS_WORKSPACE)
@@ -230,8 +236,8 @@ def schedule(spec: WorkerSpec, tasks: Iterable[Task], workers: int) -> Iterator[
 
 
 def dispatch(sched: Schedule, workers: int, submit: Callable[[int, tuple[int, Task]], Any],
-             wait_any: Callable[[list], Iterable[Any]], collect: Callable[[Any, int, Task], Any],
-             drain: Callable[[list], None]) -> Iterator[Any]:
+             wait_any: Callable[[list[Any]], Iterable[Any]], collect: Callable[[Any, int, Task], Any],
+             drain: Callable[[list[Any]], None]) -> Iterator[Any]:
     """The task loop of a pool of ``workers`` workers (process, ray): give each free worker the next task of
     ``sched``, wait for any to finish, and yield the results in task order.
 
@@ -318,6 +324,7 @@ class Executor(ABC):
         self.threads = threads
         self.options = options
 
+    @abstractmethod
     def start(self, spec: WorkerSpec) -> None:
         raise NotImplementedError
 
@@ -329,7 +336,7 @@ class Executor(ABC):
             raise NotImplementedError(f"{type(self).__name__} implements neither map nor imap")
         return iter(self.map(list(tasks)))
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (an optional hook: an executor without workers has nothing to close)
         pass
 
     def __enter__(self) -> Executor:
@@ -367,7 +374,7 @@ class SequentialExecutor(Executor):
 
 
 # ------------------------------------------------------------------------------------- process pool
-def shareable_spec(spec: WorkerSpec):
+def shareable_spec(spec: WorkerSpec) -> tuple[WorkerSpec, torch.Tensor, torch.Tensor]:
     """(spec without the pooled arrays, x and y as torch tensors in shared memory): what a worker process needs.
 
     The pooled arrays are copied once into shared memory and reach every worker as a handle (torch.multiprocessing
@@ -381,8 +388,8 @@ def shareable_spec(spec: WorkerSpec):
     import torch
 
     ds = spec.dataset
-    x = torch.from_numpy(np.ascontiguousarray(ds.x)).share_memory_()
-    y = torch.from_numpy(np.ascontiguousarray(ds.y)).share_memory_()
+    x = torch.from_numpy(np.ascontiguousarray(ds.x)).share_memory_()  # type: ignore[no-untyped-call]
+    y = torch.from_numpy(np.ascontiguousarray(ds.y)).share_memory_()  # type: ignore[no-untyped-call]
     try:
         ds.x, ds.y = x.numpy(), y.numpy()
     except (AttributeError, dataclasses.FrozenInstanceError):
@@ -391,7 +398,7 @@ def shareable_spec(spec: WorkerSpec):
     return dataclasses.replace(spec, dataset=light), x, y
 
 
-def rebuild_spec(light: WorkerSpec, x, y) -> WorkerSpec:
+def rebuild_spec(light: WorkerSpec, x: torch.Tensor, y: torch.Tensor) -> WorkerSpec:
     import dataclasses
 
     return dataclasses.replace(light, dataset=dataclasses.replace(light.dataset, x=x.numpy(), y=y.numpy()))
@@ -414,8 +421,9 @@ def raise_remote(exc: BaseException | None, tb: str, where: str) -> None:
     raise RuntimeError(f"{where} failed:\n{tb}") from exc
 
 
-def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerSpec | None = None,
-                    inherited: tuple = (), device: str | None = None) -> None:
+def _process_worker(conn: Connection, light: bytes | None, x: torch.Tensor | None, y: torch.Tensor | None,
+                    threads: int, spec: WorkerSpec | None = None, inherited: tuple[Connection, ...] = (),
+                    device: str | None = None) -> None:
     """Body of one worker process: build the Worker once, then run tasks until told to stop.
 
     ``spec`` is given as it is to a forked worker (which sees the parent's memory); other start methods get the
@@ -439,7 +447,9 @@ def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerS
     try:
         import dataclasses
 
-        spec = spec if spec is not None else rebuild_spec(pickle.loads(light), x, y)
+        if spec is None:  # not forked: the pickled spec and the arrays in shared memory
+            assert light is not None and x is not None and y is not None
+            spec = rebuild_spec(pickle.loads(light), x, y)
         if device is not None:
             spec = dataclasses.replace(spec, device=device)
         set_deterministic(spec.deterministic)
@@ -457,6 +467,7 @@ def _process_worker(conn, light: bytes | None, x, y, threads: int, spec: WorkerS
         if raw == b"stop":
             return
         idx, task = pickle.loads(raw)
+        out: tuple[Any, ...]
         try:
             out = ("ok", idx, worker.run(task))
         except BaseException as e:
@@ -493,8 +504,8 @@ class ProcessExecutor(Executor):
         super().__init__(workers, threads, **options)
         self.start_method = start_method
         self.devices = list(devices or ())
-        self._procs: list = []
-        self._conns: list = []
+        self._procs: list[BaseProcess] = []
+        self._conns: list[Connection] = []
 
     def start(self, spec: WorkerSpec) -> None:
         import multiprocessing as mp
@@ -513,7 +524,7 @@ class ProcessExecutor(Executor):
         ctx = mp.get_context(method)
         threads = task_threads(self.threads)
         if method == "fork":
-            args: tuple = (None, None, None, threads, spec)
+            args: tuple[Any, ...] = (None, None, None, threads, spec)
         else:
             if method == "forkserver":
                 ctx.set_forkserver_preload(["torch", "fedforge.core.runtime"])
@@ -527,15 +538,16 @@ class ProcessExecutor(Executor):
         try:
             for i in range(n):
                 parent, child = ctx.Pipe(duplex=True)
-                kwargs = {"inherited": (*self._conns, parent)} if method == "fork" else {}
+                kwargs: dict[str, Any] = {"inherited": (*self._conns, parent)} if method == "fork" else {}
                 kwargs["device"] = devices[i]
-                p = ctx.Process(target=_process_worker, args=(child, *args), kwargs=kwargs, daemon=True,
-                                name=f"fedforge-worker-{i}")
+                # every concrete context has Process; typeshed types get_context(str) as the BaseContext, which lacks it
+                p = ctx.Process(target=_process_worker, args=(child, *args), kwargs=kwargs,  # type: ignore[attr-defined]
+                                daemon=True, name=f"fedforge-worker-{i}")
                 p.start()
                 child.close()
                 self._procs.append(p)
                 self._conns.append(parent)
-            for i, c in enumerate(self._conns):
+            for i, _c in enumerate(self._conns):
                 msg = self._recv(i, "starting")
                 if msg[0] == "error":
                     raise_remote(msg[2], msg[3], f"process worker {i} (start-up)")
@@ -547,7 +559,7 @@ class ProcessExecutor(Executor):
             log.info("process executor: %d workers on %s", n, ", ".join(
                 f"{d}×{devices.count(d)}" for d in dict.fromkeys(devices)))
 
-    def _recv(self, i: int, doing: str):
+    def _recv(self, i: int, doing: str) -> Any:
         try:
             return pickle.loads(self._conns[i].recv_bytes())
         except (EOFError, OSError, ConnectionError):
@@ -567,7 +579,7 @@ class ProcessExecutor(Executor):
             return w
 
         def wait_any(busy: list[int]) -> list[int]:
-            by_conn = {self._conns[w]: w for w in busy}
+            by_conn: dict[Any, int] = {self._conns[w]: w for w in busy}  # wait() hands back the objects it got
             return [by_conn[c] for c in wait(list(by_conn))]
 
         def collect(w: int, _w: int, task: Task) -> Any:

@@ -18,13 +18,15 @@ import signal
 import threading
 import traceback
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy as np
 import torch
 
 from ..errors import FedforgeError
 from .context import derive_seed
+
+_T = TypeVar("_T")
 
 FAULT_KINDS = ("exception", "timeout", "straggler")
 
@@ -103,7 +105,7 @@ class FaultPlan:
         return FAULT_KINDS[int(rng.integers(len(FAULT_KINDS)))]
 
 
-def run_guarded(rnd: int, cid: int, update: Callable[[], Any]) -> Any:
+def run_guarded(rnd: int, cid: int, update: Callable[[], _T]) -> _T | ClientFailure:
     """Run ``update()`` (one client's local update); return its result or a :class:`ClientFailure`."""
     try:
         return update()

@@ -6,7 +6,7 @@ the bytes of every message it moves, so communication cost is measured, not esti
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, overload
 
 import torch
 
@@ -43,6 +43,12 @@ def model_entries(d: Mapping[str, torch.Tensor]) -> Message:
     return {k: v for k, v in d.items() if "/" not in k}
 
 
+@overload
+def to_device(d: Mapping[str, torch.Tensor], device: str | torch.device) -> Message: ...
+@overload
+def to_device(d: None, device: str | torch.device) -> None: ...
+@overload
+def to_device(d: Mapping[str, torch.Tensor] | None, device: str | torch.device) -> Message | None: ...
 def to_device(d: Mapping[str, torch.Tensor] | None, device: str | torch.device) -> Message | None:
     """The same entries on ``device`` (tensors already there are passed as they are, not copied)."""
     if d is None:

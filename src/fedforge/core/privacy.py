@@ -42,6 +42,7 @@ from ..errors import ConfigError
 from .algorithm import Algorithm, Update
 from .context import derive_seed
 from .dp import STEPS, ClientDP, check_model, client_dp, epsilon_spent
+from .messages import State
 
 log = logging.getLogger("fedforge")
 
@@ -71,7 +72,8 @@ class ServerDP:
         """z_Δ: the noise multiplier of the averaged update (z itself with a fixed clip)."""
         if self.quantile is None or self.noise == 0:
             return self.noise
-        return (self.noise ** -2 - (2 * self.count_noise) ** -2) ** -0.5
+        z: float = (self.noise ** -2 - (2 * self.count_noise) ** -2) ** -0.5
+        return z
 
     def check(self) -> ServerDP:
         if self.quantile is not None and self.noise > 0 and self.noise >= 2 * self.count_noise:
@@ -95,8 +97,8 @@ class Privacy:
         self._warned = False
 
     # ------------------------------------------------------------------------------------------ round
-    def aggregate(self, aggregate: Callable[[dict, list[Update], int], dict], old: dict, server: dict,
-                  updates: list[Update], rnd: int) -> dict:
+    def aggregate(self, aggregate: Callable[[State, list[Update], int], State], old: State, server: State,
+                  updates: list[Update], rnd: int) -> State:
         """The new server state: ``aggregate(server, updates, rnd)`` with user-level DP around it (clipped uploads
         in, noise out), plus the ``privacy/`` entries. ``old`` is the whole server state before the round (with
         ``privacy/``), ``server`` the algorithm's view of it."""
@@ -129,7 +131,7 @@ class Privacy:
         extra[CLIP] = torch.tensor(clip, dtype=torch.float64, device=self.device)
         return {**new, **extra}
 
-    def clip(self, server: dict, updates: list[Update], clip: float) -> tuple[list[Update], int, set[str]]:
+    def clip(self, server: State, updates: list[Update], clip: float) -> tuple[list[Update], int, set[str]]:
         """(the uploads with each change of the weights clipped to norm ``clip`` and unit weights, how many were
         within the clip, the names of the weights uploaded). An upload within the clip is handed on untouched."""
         out, within, names = [], 0, set()
@@ -157,7 +159,7 @@ class Privacy:
         return out, within, names
 
     # ---------------------------------------------------------------------------------------- metrics
-    def metrics(self, server: dict, rnd: int) -> dict[str, Any]:
+    def metrics(self, server: State, rnd: int) -> dict[str, Any]:
         """``dp_epsilon``/``dp_steps_max`` (client level) and ``server_dp_epsilon``/``server_dp_clip`` (user level)
         after round ``rnd``."""
         out: dict[str, Any] = {}

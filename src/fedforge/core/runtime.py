@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, ContextManager, Iterable, Mapping, Sequence
+from typing import Any, Callable, ContextManager, Iterable, Mapping, Sequence, overload
 
 import numpy as np
 import torch
@@ -205,14 +205,14 @@ class ClientRuntime:
         return self.fed.test_batches(self.cid, self.ctx.eval_batch_size, part)
 
     # ---------------------------------------------------------------------------------------- compute
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> ContextManager[Any]:
         if self.ctx.precision == "bf16":
             return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
     def train(self, loss_fn: LossFn | None = None, params: Sequence[torch.Tensor] | None = None,
               epochs: int | None = None, lr: float | Sequence[float] | None = None,
-              grad_hook: GradHook | None = None, batches: Iterable | None = None,
+              grad_hook: GradHook | None = None, batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
               max_grad_norm: float | None = None, model: torch.nn.Module | None = None) -> TrainStats:
         """The shared local SGD loop over this client's data (see :func:`fedforge.core.training.train_loop`)."""
         m = model if model is not None else self.model
@@ -244,6 +244,12 @@ class ClientRuntime:
                 self._opt_states.setdefault(int(call), {}).setdefault(int(i), {})[slot] = v
         return {k: v for k, v in state.items() if not k.startswith(OPTIM)}
 
+    @overload
+    def give_optimizer_state(self, state: State) -> State: ...
+    @overload
+    def give_optimizer_state(self, state: None) -> None: ...
+    @overload
+    def give_optimizer_state(self, state: State | None) -> State | None: ...
     def give_optimizer_state(self, state: State | None) -> State | None:
         if self.ctx.dp is not None and state is not None:
             state = give_steps(state, self._dp_steps)
@@ -260,9 +266,8 @@ class ClientRuntime:
         m = model if model is not None else self.model
         m.eval()
         absent = self.class_counts("train") == 0
-        if bool(absent.all()):  # a client without training data: nothing to call off-class
-            absent = None
-        return eval_loop(predict or m, self.eval_batches(part), autocast=self.autocast, absent=absent,
+        mask = None if bool(absent.all()) else absent  # a client without training data: nothing to call off-class
+        return eval_loop(predict or m, self.eval_batches(part), autocast=self.autocast, absent=mask,
                          num_classes=self.ctx.num_classes)
 
 

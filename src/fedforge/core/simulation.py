@@ -19,6 +19,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .._io import atomic_write_text
 from ..config import RunConfig, dump_yaml
 from ..data import Dataset, Partition, from_client_split, load_dataset, make_partition
 from ..data.domains import apply_domains, domain_groups, make_domain_partition
@@ -28,8 +29,8 @@ from ..errors import ConfigError, PartitionError
 from ..models import resolve_architectures
 from ..results import RunDir, summarize
 from ..results.plots import plot_curves
-from ..results.rundir import STATUS_FILE, atomic_write_text, dumps
-from .algorithm import ALGORITHMS, Algorithm
+from ..results.rundir import STATUS_FILE, dumps
+from .algorithm import ALGORITHMS, Algorithm, Update
 from .checkpoint import CHECKPOINT_DIR, Checkpoint, CheckpointError, CheckpointWriter, load_checkpoint, restore_rng
 from .context import Context
 from .engine import FailureStop, Progress, RoundEngine, Schedule, StopRequested, select_clients
@@ -46,11 +47,11 @@ from .faults import (
 )
 from .injection import FaultInjector
 from .memory import peak_gpu_memory_mb, start_run
-from .messages import to_device
+from .messages import State, to_device
 from .privacy import make_privacy, with_client_dp
 from .runtime import WorkerSpec
 from .server_opt import ServerOptimizer, algorithm_view
-from .store import MemoryStore, open_store
+from .store import MemoryStore, StateStore, open_store
 from .tracking import open_trackers
 from .unseen import check_new_clients, participants
 
@@ -113,10 +114,10 @@ def default_run_dir(cfg: RunConfig) -> Path:
 # --------------------------------------------------------------------------------------------- result
 @dataclass
 class RunResult:
-    summary: dict
-    records: list[dict]
+    summary: dict[str, Any]
+    records: list[dict[str, Any]]
     path: Path | None
-    server: dict = field(default_factory=dict, repr=False)
+    server: State = field(default_factory=dict, repr=False)
     store: StateStore | None = field(default=None, repr=False)
 
 
@@ -128,7 +129,7 @@ class SessionHooks:
 
     wrap_executor: Callable[[Executor, Simulation], Executor] | None = None
     checkpoint_writer: CheckpointWriter | None = None
-    listeners: list = field(default_factory=list)
+    listeners: list[Any] = field(default_factory=list)
 
 
 class Simulation:
@@ -144,7 +145,7 @@ class Simulation:
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path | None | bool = None, progress: bool = True,
                  dataset: Dataset | None = None, executor: Executor | None = None,
-                 on_record: Callable[[dict], None] | None = None, resume: str | Path | None = None,
+                 on_record: Callable[[dict[str, Any]], None] | None = None, resume: str | Path | None = None,
                  hooks: SessionHooks | None = None):
         self.cfg = cfg.validate()
         self.progress = progress
@@ -166,6 +167,7 @@ class Simulation:
         self.cfg.clients = self.partition.num_clients
         self.ds = apply_domains(self.ds, self.partition)  # feature shift: each client's samples in its domain, once
         if saved is not None:
+            assert resume is not None  # saved is read from the run being resumed
             check_same_config(saved, self.cfg, resume)
         self.algo = build_algorithm(self.cfg, self.ds, self.partition)
         self.ctx = self.algo.ctx
@@ -198,7 +200,9 @@ class Simulation:
                 self._lock.release()
                 raise
         elif run_dir is not False:
-            self.run_dir = RunDir.create(run_dir if run_dir not in (None, True) else (cfg.out or default_run_dir(cfg)))
+            # (True is the only bool that gets here: the isinstance test changes nothing but tells mypy so)
+            self.run_dir = RunDir.create(run_dir if run_dir not in (None, True) and not isinstance(run_dir, bool)
+                                         else (cfg.out or default_run_dir(cfg)))
         self._stop: int | None = None  # the signal that asked the run to stop
         self._saved_at: tuple[int, bool] | None = None  # (round, finetuned) of the checkpoint on disk
         if self.checkpoint is not None:
@@ -337,7 +341,7 @@ class Simulation:
         return executor
 
     # ---------------------------------------------------------------------------------- engine events
-    def updates_received(self, rnd: int, updates: list, failures: list[ClientFailure]) -> None:
+    def updates_received(self, rnd: int, updates: list[Update], failures: list[ClientFailure]) -> None:
         if not failures:
             return
         if self.run_dir is not None:
@@ -347,7 +351,7 @@ class Simulation:
         log.warning("round %d: %d client(s) left out (%s)", rnd, len(failures),
                     ", ".join(f"client {f.cid}: {f.kind}" for f in failures))
 
-    def record_written(self, rec: dict, prog: Progress) -> None:
+    def record_written(self, rec: dict[str, Any], prog: Progress) -> None:
         self._write_artifacts(rec["round"], prog.server)
         if self.run_dir is not None:
             self.run_dir.write_metrics(prog.records)
@@ -434,7 +438,7 @@ class Simulation:
                          f"`fedforge run --resume {self.run_dir.path}` (options that do not change results, such as "
                          f"--max-fail-fraction or --on-nan, may be changed).")
 
-    def _write_artifacts(self, rnd: int, server: dict) -> None:
+    def _write_artifacts(self, rnd: int, server: State) -> None:
         """Images an algorithm wants kept (``Algorithm.artifacts``), as ``artifacts/<name>_round<r>.png``."""
         if self.run_dir is None:
             return
@@ -516,10 +520,11 @@ def _restored_fields(ck: Checkpoint, rounds: int) -> dict[str, Any]:
     info = ck.info
     fix = f"delete {ck.path.parent if ck.path else CHECKPOINT_DIR} to restart the run from round 0"
     try:
-        out = {"records": list(info.get("records", [])), "totals": dict(info["totals"]),
-               "train_seconds": float(info.get("train_seconds", 0.0)), "failures": list(info.get("failures", [])),
-               "round_info": dict(info.get("round_info") or Progress(0, {}, MemoryStore()).round_info),
-               "finetuned": bool(info.get("finetuned"))}
+        out: dict[str, Any] = {
+            "records": list(info.get("records", [])), "totals": dict(info["totals"]),
+            "train_seconds": float(info.get("train_seconds", 0.0)), "failures": list(info.get("failures", [])),
+            "round_info": dict(info.get("round_info") or Progress(0, {}, MemoryStore()).round_info),
+            "finetuned": bool(info.get("finetuned"))}
         if not all(isinstance(r, dict) for r in out["records"]) or not all(
                 isinstance(v, (int, float)) and not isinstance(v, bool) for v in out["totals"].values()):
             raise ValueError

@@ -85,7 +85,7 @@ class Optimizer:
 def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float | Sequence[float], *,
                params: Sequence[torch.Tensor] | None = None, loss_fn: LossFn | None = None,
                grad_hook: GradHook | None = None, max_grad_norm: float | None = None,
-               autocast: Callable[[], ContextManager] | None = None, train_mode: bool = True,
+               autocast: Callable[[], ContextManager[Any]] | None = None, train_mode: bool = True,
                optimizer: Optimizer | None = None, opt_state: dict[int, dict[str, torch.Tensor]] | None = None,
                dp: DPSGD | None = None) -> TrainStats:
     """Run the local optimiser (plain SGD by default) over ``batches`` and return the mean loss.
@@ -107,8 +107,8 @@ def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
         if dp is None:
             with ctx():
                 loss = loss_fn(model, x, y)
-            grads = torch.autograd.grad(loss, params, allow_unused=True)
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            raw = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, raw)]
         else:
             loss, grads = dp.gradients(model, params, loss_fn, x, y, ctx)
         if grad_hook is not None:
@@ -135,12 +135,12 @@ def train_loop(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Ten
             opt_state.clear()
             opt_state.update({i: {k: v.detach() for k, v in opt.state[p].items()} for i, p in enumerate(params)
                               if opt.state.get(p)})
-    return TrainStats(float(total / samples) if samples else 0.0, samples, steps)
+    return TrainStats(float(total / samples) if samples and total is not None else 0.0, samples, steps)
 
 
 def params_of(model: nn.Module, prefixes: Sequence[str] | None = None, exclude: Sequence[str] = ()) -> list[torch.Tensor]:
     """Parameters whose names start with one of ``prefixes`` (all if None) and with none of ``exclude``."""
-    out = []
+    out: list[torch.Tensor] = []
     for name, p in model.named_parameters():
         if prefixes is not None and not any(name.startswith(pre) for pre in prefixes):
             continue
@@ -204,7 +204,7 @@ def macro_f1(confusion: np.ndarray) -> float:
 
 @torch.no_grad()
 def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-              autocast: Callable[[], ContextManager] | None = None, absent: torch.Tensor | None = None,
+              autocast: Callable[[], ContextManager[Any]] | None = None, absent: torch.Tensor | None = None,
               num_classes: int | None = None) -> EvalCounts:
     """Accuracy and summed cross-entropy of ``predict(x) -> logits`` (or scores) over batches.
 
@@ -235,6 +235,7 @@ def eval_loop(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
             probs.append(logits.softmax(1).cpu())
             labels.append(y.cpu())
     if probs:
+        assert num_classes is not None  # scores are kept only when it is given
         p, t = torch.cat(probs).cpu().numpy(), torch.cat(labels).cpu().numpy()  # (already host copies)
         out.confusion = np.bincount(t * num_classes + p.argmax(1), minlength=num_classes * num_classes) \
             .reshape(num_classes, num_classes)
@@ -257,12 +258,15 @@ def summarize_counts(results: Iterable[Any]) -> dict[str, Any]:
     rec: dict[str, Any] = {}
     summ = {v: _summarize_view(views.get(v, [])) for v in sorted(views.keys() | set(main), key=lambda v: (v not in main, v))}
     for v in main:
-        rec[f"{v}_acc"] = summ[v]["acc"] if summ[v] else None
+        s = summ[v]
+        rec[f"{v}_acc"] = s["acc"] if s else None
     for v in main:
-        rec[f"{v}_loss"] = summ[v]["loss"] if summ[v] else None
+        s = summ[v]
+        rec[f"{v}_loss"] = s["loss"] if s else None
     for v in main:
-        if summ[v]:
-            rec |= {f"{v}_acc_{k}": summ[v][k] for k in ("std", "min", "max")}
+        s = summ[v]
+        if s:
+            rec |= {f"{v}_acc_{k}": s[k] for k in ("std", "min", "max")}
     for v, s in summ.items():
         if v not in main:
             rec[f"{v}_acc"] = s["acc"] if s else None
