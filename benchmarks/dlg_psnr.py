@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--iterations", type=int, default=300, help="L-BFGS iterations per attack (default 300)")
     ap.add_argument("--lr", type=float, default=0.05)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out-dir", default="benchmarks/results/dlg")
+    ap.add_argument("--out-dir", default="bench-runs/dlg")
     ap.add_argument("--doc", default=str(REPO / "docs" / "benchmarks" / "dlg.md"))
     args = ap.parse_args(argv)
 
