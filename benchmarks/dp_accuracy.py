@@ -78,15 +78,20 @@ def collect(run: Path, setting: dict, rounds: int, batch_size: int) -> dict:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     last = [r for r in records if not r.get("stage")][-1]
     out = {"best": summary["best"]["global_acc"], "last": summary["last"]["global_acc"],
-           "s_round": summary["seconds_per_round"], "eps": None, "sigma": None}
+           "s_round": summary["seconds_per_round"], "wall": summary["wall_seconds"], "eps": None, "sigma": None}
     if setting["kind"] == "client":
         from fedforge.core.dp import client_dp
         from fedforge.data.partition import Partition
 
         out["eps"] = last["dp_epsilon"]
-        sizes = [len(t) for t in Partition.load(run / "partition.npz").train]
-        spec = client_dp(setting["value"], DELTA, CLIP, sizes, batch_size, rounds, 1)  # the run's own calibration
-        out["sigma"] = (min(spec.sigmas), max(spec.sigmas))
+        cache = run / "dp-sigmas.json"  # the run does not write its σ; computing them again takes minutes at ε = 8
+        if cache.is_file():
+            sigmas = json.loads(cache.read_text())
+        else:
+            sizes = [len(t) for t in Partition.load(run / "partition.npz").train]
+            sigmas = list(client_dp(setting["value"], DELTA, CLIP, sizes, batch_size, rounds, 1).sigmas)  # the run's own
+            cache.write_text(json.dumps(sigmas))
+        out["sigma"] = (min(sigmas), max(sigmas))
     elif setting["kind"] == "server":
         out["eps"] = last["server_dp_epsilon"]
     return out
@@ -116,11 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     grid = settings(_values(args.epsilons), _values(args.server_noise))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     for seed in seeds:  # seed by seed: an interrupted benchmark already has one comparable run per setting
         for s in grid:
             run_one(out / f"{s['name']}_s{seed}", s["options"], seed, args.rounds, args.data_root)
-    wall = time.perf_counter() - started
 
     rows = []
     for s in grid:
@@ -132,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     doc.parent.mkdir(parents=True, exist_ok=True)
     fig = doc.with_suffix(".png")
     _figure(rows, fig, args.rounds, seeds)
-    doc.write_text(_markdown(rows, args, seeds, wall, fig.name))
+    doc.write_text(_markdown(rows, args, seeds, fig.name))
     print(f"written: {doc}, {fig}")
     return 0
 
@@ -145,7 +148,7 @@ def _setting_label(s: dict) -> str:
     return f"server DP-FedAvg, z = {s['value']:g}, S = {CLIP:g}"
 
 
-def _markdown(rows: list[dict], args: argparse.Namespace, seeds: list[int], wall: float, fig: str) -> str:
+def _markdown(rows: list[dict], args: argparse.Namespace, seeds: list[int], fig: str) -> str:
     cmd = (f"scripts/cpu-slot .venv/bin/python benchmarks/dp_accuracy.py --data-root $FEDFORGE_DATA --seeds "
            f"{','.join(map(str, seeds))} --rounds {args.rounds} --epsilons {args.epsilons} --server-noise "
            f"'{args.server_noise}'")
@@ -168,7 +171,9 @@ def _markdown(rows: list[dict], args: argparse.Namespace, seeds: list[int], wall
         f"(a whole client's data), from the RDP accountant over {args.rounds} rounds at sampling rate 1, δ = {DELTA:g}.",
         "",
         "Accuracy: the global model on every client's own test data (pooled), mean ± sample std over the seeds; "
-        "*best* is the highest of the run's evaluations, *last* the one after the last round. *ε spent*: the last "
+        f"*best* is the highest of the run's {args.rounds + 1} evaluations (round 0 included; a maximum over noisy "
+        "evaluations, so biased upwards, most where the curve is noise), *last* the one after the last round. "
+        "*ε spent*: the last "
         "record's `dp_epsilon` (the client that spent the most) or `server_dp_epsilon`, range over the seeds. *σ*: "
         "the clients' DP-SGD noise multipliers (range over clients and seeds, recomputed with the run's own "
         "calibration, `fedforge.core.dp.client_dp`). s/round: the runs' `seconds_per_round` (one torch thread in a "
@@ -187,7 +192,8 @@ def _markdown(rows: list[dict], args: argparse.Namespace, seeds: list[int], wall
                      f"{100 * l[0]:.2f} ± {100 * l[1]:.2f} % | {sr:.2f} |")
     lines += ["", "Per seed (last global accuracy, %): " + "; ".join(
         f"{r['name']}: " + ", ".join(f"{100 * x['last']:.1f}" for x in r["runs"]) for r in rows),
-        "", f"Wall time of this invocation (runs not already finished): {wall / 60:.1f} min.", "",
+        "", f"The runs' wall time (`wall_seconds` of their summary.json, summed): "
+        f"{sum(x['wall'] for r in rows for x in r['runs']) / 60:.1f} min, on a machine shared with other jobs.", "",
         f"![accuracy against ε]({fig})", ""]
     return "\n".join(lines)
 
@@ -199,7 +205,7 @@ def _figure(rows: list[dict], path: Path, rounds: int, seeds: list[int]) -> None
     import matplotlib.pyplot as plt
     import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    fig, ax = plt.subplots(figsize=(6.8, 5.0))
     for kind, label, marker in (("client", "client-level DP-SGD (ε per client, record level)", "o"),
                                 ("server", "server DP-FedAvg (ε user level, S = 1)", "s")):
         pts = sorted((statistics.mean(x["eps"] for x in r["runs"]), _ms([x["last"] for x in r["runs"]]))
@@ -224,7 +230,7 @@ def _figure(rows: list[dict], path: Path, rounds: int, seeds: list[int]) -> None
     ax.set_ylim(0, 100)
     ax.set_title(f"FedAvg, mlp on digits, 10 clients, Dir(0.5), {rounds} rounds; mean ± std over {len(seeds)} seed(s)",
                  fontsize=9)
-    ax.legend(fontsize=8, loc="lower right")
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     ax.grid(alpha=0.3, which="both")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
