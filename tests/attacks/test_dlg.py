@@ -12,7 +12,7 @@ from fedforge.cli import main
 from fedforge.data import load_dataset
 from fedforge.data.partition import Partition, labels_fingerprint
 
-pytest.importorskip("skimage", reason="SSIM is scikit-image's (pip install 'fedforge[dp]')")
+pytest.importorskip("skimage", reason="SSIM is scikit-image's (pip install 'fedforge[attack]')")
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ noise: that is the test of the defence (``benchmarks/dlg_psnr.py``).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import math
@@ -53,6 +54,7 @@ from ..core.simulation import SessionHooks, Simulation, select_clients
 from ..errors import ConfigError
 
 log = logging.getLogger("fedforge")
+SSIM_HINT = "the attack scores reconstructions with scikit-image's SSIM: pip install 'fedforge[attack]'"
 
 
 # ---------------------------------------------------------------------------------------------- replay
@@ -316,7 +318,10 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _ssim(a: np.ndarray, b: np.ndarray) -> float:
-    from skimage.metrics import structural_similarity
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError as e:
+        raise ConfigError(SSIM_HINT) from e
 
     side = min(a.shape[0], a.shape[1])
     win = min(7, side if side % 2 else side - 1)
@@ -383,6 +388,8 @@ def _figure(result: DLGResult, path: Path, title: str) -> None:
 def run_dlg(run_dir: str | Path, cid: int, rnd: int, *, iterations: int = 300, max_images: int = 16, seed: int = 0,
             out: str | Path | None = None, device: str | None = None) -> dict:
     """Replay, attack and write (``out`` default: ``<run>/attacks/dlg-c<C>-r<R>``); returns what ``dlg.json`` holds."""
+    if importlib.util.find_spec("skimage") is None:  # before the attack, not after it
+        raise ConfigError(SSIM_HINT)
     rep = replay(run_dir, cid, rnd, device)
     if rep.logged_loss is not None and rep.loss is not None and rep.loss != rep.logged_loss:
         log.warning("the replayed round %d has training loss %r, the run logged %r: the replay differs from the run "
