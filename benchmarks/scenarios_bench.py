@@ -24,7 +24,8 @@ feature-shift partition of the whole 70,000-image pool costs about 40 s per eval
 initial weights and the batches.
 
 Runs go to ``<out-dir>/<part>-<algorithm>_s<seed>`` (default bench-runs/scenarios, git-ignored); a run whose
-summary.json exists is kept, an unfinished one is started again.
+summary.json exists and whose options (``bench-options.json``) are the ones asked is kept; an unfinished one, or one
+made with other options, is started again.
 
     # the benchmark
     scripts/cpu-slot .venv/bin/python benchmarks/scenarios_bench.py --data-root /work/shared/data
@@ -95,13 +96,16 @@ def run_one(run: Path, options: dict, data_root: str | None) -> float:
     """Run one experiment unless its summary exists; the seconds it took (0 when kept)."""
     import fedforge
 
-    if (run / "summary.json").is_file():
+    stamp = run / "bench-options.json"  # the options the run was made with: a run of other options is redone
+    wanted = json.dumps(options, sort_keys=True)
+    if (run / "summary.json").is_file() and stamp.is_file() and stamp.read_text() == wanted:
         return 0.0
-    if run.exists():  # killed before it finished: start it again
+    if run.exists():  # killed before it finished, or made with other options: start it again
         shutil.rmtree(run)
     print(f"run {run.name}", flush=True)
     t = time.perf_counter()
     fedforge.run(**options, threads=1, checkpoint_every=0, data_root=data_root, run_dir=run)
+    stamp.write_text(wanted)
     dt = time.perf_counter() - t
     print(f"  done in {dt:.0f} s", flush=True)
     return dt
@@ -152,13 +156,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dataset", default="fmnist")
     ap.add_argument("--pool", type=int, default=6000, help="images in the stratified subsample (0: the whole dataset)")
     ap.add_argument("--seeds", default="0,1,2")
-    ap.add_argument("--eval-every", type=int, default=5)
+    ap.add_argument("--eval-every", type=int, default=10)
     ap.add_argument("--parts", default="shift,unseen")
     # (a)
     ap.add_argument("--domains", default="corrupt:clean,gaussian_noise:5,blur:5,contrast:5")
     ap.add_argument("--clients-per-domain", type=int, default=3)
     ap.add_argument("--shots", type=int, default=10)
-    ap.add_argument("--shift-rounds", type=int, default=40)
+    ap.add_argument("--shift-rounds", type=int, default=80)
     ap.add_argument("--shift-batch", type=int, default=10, help="batch size of (a) (FedBN's paper: 32)")
     ap.add_argument("--shift-lr", type=float, default=0.01, help="learning rate of (a) (FedBN's paper: 0.01)")
     ap.add_argument("--shift-algorithms", default="fedavg,fedbn,local")
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-clients", type=int, default=5)
     ap.add_argument("--fine-tune-epochs", type=int, default=3)
     ap.add_argument("--alpha", type=float, default=0.1)
-    ap.add_argument("--unseen-rounds", type=int, default=30)
+    ap.add_argument("--unseen-rounds", type=int, default=25)
     ap.add_argument("--unseen-algorithms", default="fedavg")
     ap.add_argument("--out-dir", default=str(REPO / "bench-runs" / "scenarios"))
     ap.add_argument("--doc", default=str(REPO / "docs" / "benchmarks" / "scenarios.md"))
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 def _command(a: argparse.Namespace, argv: list[str] | None) -> str:
     given = sys.argv[1:] if argv is None else argv
     kept, skip = [], False
-    for i, t in enumerate(given):  # the command without the machine's own paths
+    for t in given:  # the command without the machine's own paths
         if skip:
             skip = False
             continue
@@ -308,8 +312,8 @@ def _figure(shift: dict, unseen: dict, a: argparse.Namespace, seeds: list[int], 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [p for p in ("shift", "unseen") if (shift if p == "shift" else unseen)]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 4.0), squeeze=False)
+    panels = (["shift", "domains"] if shift else []) + (["unseen"] if unseen else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.0 * len(panels), 4.0), squeeze=False)
     for ax, p in zip(axes[0], panels):
         if p == "shift":
             for alg, res in shift.items():
@@ -321,6 +325,20 @@ def _figure(shift: dict, unseen: dict, a: argparse.Namespace, seeds: list[int], 
             ax.set_xlabel("round")
             ax.set_ylabel("test accuracy (%)")
             ax.set_title(f"(a) cnn_bn, {a.dataset}, {a.domains.split(':', 1)[0]} domains, {a.shots} shots", fontsize=9)
+            ax.legend(fontsize=8, loc="lower right")
+        elif p == "domains":
+            algs = list(shift)
+            doms = list(next(iter(shift.values()))[0]["domains"])
+            xs = np.arange(len(doms))
+            w = 0.8 / len(algs)
+            for k, alg in enumerate(algs):
+                ms = [_ms([r["domains"][d] for r in shift[alg]]) for d in doms]
+                ax.bar(xs + (k - (len(algs) - 1) / 2) * w, [100 * m for m, _ in ms], w,
+                       yerr=[100 * s for _, s in ms], capsize=2, label=alg)
+            ax.set_xticks(xs, doms, fontsize=8)
+            ax.set_ylabel("test accuracy after the last round (%)")
+            ax.set_ylim(0, 100)
+            ax.set_title("(a) per domain", fontsize=9)
             ax.legend(fontsize=8, loc="lower right")
         else:
             algs = list(unseen)
