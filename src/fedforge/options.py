@@ -131,7 +131,8 @@ def check(f: dataclasses.Field[Any], value: Any, owner: str = "", label: str | N
     name = label or _label(owner, f.name)
     if "choices" in m and m["choices"] is not None:
         if value not in m["choices"]:
-            raise ConfigError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got '{value}'"
+            paper = f"; the paper's default is {f.default}" if paper_default else ""
+            raise ConfigError(f"{name} must be one of {', '.join(map(str, m['choices']))}, got '{value}'{paper}"
                               f"{suggest(str(value), [str(c) for c in m['choices']])}.")
         return
     conds: list[tuple[bool, str]] = []

@@ -290,15 +290,21 @@ class DrawTape:
 
 @contextmanager
 def patched(*items: tuple[Any, str, Any]) -> Iterator[None]:
-    """Set ``obj.attr = value`` for each item; restore afterwards."""
-    saved = [(obj, attr, getattr(obj, attr)) for obj, attr, _ in items]
+    """Set ``obj.attr = value`` for each item; restore afterwards what ``obj`` itself held (a class's staticmethod
+    stays a staticmethod; an attribute that was inherited is removed again)."""
+    missing = object()
+    saved = [(obj, attr, vars(obj).get(attr, missing) if hasattr(obj, "__dict__") else getattr(obj, attr))
+             for obj, attr, _ in items]
     for obj, attr, value in items:
         setattr(obj, attr, value)
     try:
         yield
     finally:
         for obj, attr, value in reversed(saved):
-            setattr(obj, attr, value)
+            if value is missing:
+                delattr(obj, attr)
+            else:
+                setattr(obj, attr, value)
 
 
 def feeder(queue: list, transform=lambda t: t):

@@ -41,9 +41,9 @@ def _one_sentence_error(code, err):
 
 
 @pytest.mark.parametrize("extra, needle", [
-    (["--shots", "0"], "--shots must be at least 1"),
-    (["--epsilon", "0"], "--epsilon must be positive"),
-    (["--epsilon", "-1"], "--epsilon must be positive"),
+    (["--shots", "0"], "--shots must be >= 1, got 0"),
+    (["--epsilon", "0"], "--epsilon must be > 0, got 0.0"),
+    (["--epsilon", "-1"], "--epsilon must be > 0, got -1.0"),
     (["--encoder", "torchvision:resnet18"], "not in the local torch cache"),
     (["--encoder", "checkpoint:/nonexistent/enc.safetensors"], "does not exist"),
     (["--generator", "nosuch"], "unknown generator"),
