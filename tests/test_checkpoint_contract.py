@@ -10,7 +10,6 @@ states) fails here. The stop-on-request path (SIGINT/SIGTERM) is covered in test
 """
 from __future__ import annotations
 
-import dataclasses
 import shutil
 
 import pytest
@@ -23,7 +22,7 @@ from fedforge.core.simulation import Simulation, resume_config
 from fedforge.core.store import MemoryStore
 from fedforge.errors import ConfigError
 from fedforge.generative.base import GeneratorError
-from tests.conftest import TEST_DEVICE
+from tests.conftest import TEST_DEVICE, short_loops
 
 
 def _timing(key: str) -> bool:
@@ -37,17 +36,6 @@ BASE = dict(dataset="digits", model="mlp", clients=4, join_ratio=0.75, rounds=3,
             eval_every=1, checkpoint_every=1, seed=3, threads=1, device=TEST_DEVICE)
 
 
-# Server-side loops whose length does not matter for a checkpoint test, kept short so that the test stays fast.
-FAST = {"server_epochs": 2, "server_steps": 2, "max_init_epochs": 2, "gen_steps": 2}
-
-
-def _fast_params(name: str) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(ALGORITHMS.get(name).Params)}
-    out = {}
-    for k, v in FAST.items():
-        if k in fields and isinstance(fields[k].default, int) and fields[k].default > v:
-            out[k] = max(v, fields[k].metadata.get("ge", v))
-    return out
 
 
 def _strip(records: list[dict]) -> list[dict]:
@@ -62,7 +50,7 @@ def _assert_same_state(a: dict, b: dict, what: str) -> None:
 
 @pytest.mark.parametrize("name", ALGORITHMS.names())
 def test_checkpoint_round_trip(name, tmp_path):
-    cfg = dict(BASE, algorithm=name, params=_fast_params(name))
+    cfg = dict(BASE, algorithm=name, params=short_loops(ALGORITHMS.get(name)))
     full_dir, part_dir = tmp_path / "full", tmp_path / "part"
 
     def snapshot(rec: dict) -> None:
