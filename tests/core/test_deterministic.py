@@ -7,17 +7,16 @@ settings are restored after the run.
 from __future__ import annotations
 
 import os
-import signal
 
 import pytest
 import torch
 
 from fedforge.config import build_config
 from fedforge.core.executors import CUBLAS_WORKSPACE, Executor, ProcessExecutor, deterministic
-from fedforge.core.faults import RunInterrupted
 from fedforge.core.runtime import Task, WorkerSpec
-from fedforge.core.simulation import SessionHooks, Simulation, resume_config
+from fedforge.core.simulation import SessionHooks, Simulation
 from tests.support.probes import DeviceProbe
+from tests.support.resume import stop_and_resume
 
 BASE = dict(dataset="digits", model="cnn", clients=3, rounds=3, threads=1, lr=0.05, seed=4, deterministic=True,
             checkpoint_every=0)
@@ -54,11 +53,7 @@ def test_deterministic_run_resumes_bit_for_bit(tmp_path):
     full = Simulation(build_config(overrides=BASE), run_dir=False, progress=False).run()
     assert _settings() == before  # the run switched deterministic kernels off again when it ended
     run = tmp_path / "stopped"
-    sim = Simulation(build_config(overrides=BASE), run_dir=run, progress=False,
-                     on_record=lambda r: r["round"] == 1 and sim.request_stop(signal.SIGTERM))
-    with pytest.raises(RunInterrupted):
-        sim.run()
-    res = Simulation(resume_config(run), resume=run, progress=False).run()
+    res = stop_and_resume(BASE, run)
     assert _strip(res.records) == _strip(full.records)
     assert full.server.keys() == res.server.keys()
     assert all(torch.equal(full.server[k], res.server[k]) for k in full.server)

@@ -3,7 +3,6 @@ neutral setting, resume, and what is refused before a run starts."""
 from __future__ import annotations
 
 import math
-import signal
 
 import pytest
 import torch
@@ -27,12 +26,12 @@ from fedforge.core.dp import (  # noqa: E402
     sample_rate,
     steps_per_pass,
 )
-from fedforge.core.faults import RunInterrupted  # noqa: E402
-from fedforge.core.simulation import Simulation, resume_config  # noqa: E402
+from fedforge.core.simulation import Simulation  # noqa: E402
 from fedforge.core.training import train_loop  # noqa: E402
 from fedforge.data import Federation, load_dataset, make_partition  # noqa: E402
 from fedforge.errors import ConfigError  # noqa: E402
 from fedforge.models import create_model  # noqa: E402
+from tests.support.resume import stop_and_resume  # noqa: E402
 
 BASE = dict(dataset="digits", model="mlp", partition="iid", clients=3, rounds=2, threads=1, lr=0.05, seed=2,
             batch_size=16)
@@ -160,11 +159,7 @@ def test_dp_run_records_epsilon_and_resumes_bit_for_bit(tmp_path):
     steps = [int(full.store.get(c)[STEPS]) for c in range(3)]
     assert full.records[-1]["dp_steps_max"] == max(steps) and min(steps) > 0
     run = tmp_path / "stopped"
-    sim = Simulation(build_config(overrides={**BASE, **over}), run_dir=run, progress=False,
-                     on_record=lambda r: r["round"] == 1 and sim.request_stop(signal.SIGTERM))
-    with pytest.raises(RunInterrupted):
-        sim.run()
-    res = Simulation(resume_config(run), resume=run, progress=False).run()
+    res = stop_and_resume({**BASE, **over}, run)
     assert _strip(res.records) == _strip(full.records)
     for cid in range(3):
         a, b = full.store.get(cid), res.store.get(cid)

@@ -2,15 +2,13 @@
 client's state, survives a stop and resume bit for bit, and plain SGD stays exactly what it was."""
 from __future__ import annotations
 
-import signal
-
 import pytest
 import torch
 
 from fedforge.config import build_config
-from fedforge.core.faults import RunInterrupted
-from fedforge.core.simulation import Simulation, resume_config
+from fedforge.core.simulation import Simulation
 from fedforge.core.training import Optimizer, train_loop
+from tests.support.resume import stop_and_resume
 
 BASE = dict(dataset="digits", model="mlp", clients=3, rounds=3, threads=1, lr=0.05, seed=1)
 
@@ -29,11 +27,7 @@ def test_stopped_and_resumed_runs_equal_uninterrupted_ones(tmp_path, optimizer, 
     full = _run(**over)
     assert any(k.startswith("optim/") for k in full.store.get(0))  # the optimiser state is part of the client's state
     run = tmp_path / "stopped"
-    sim = Simulation(build_config(overrides={**BASE, **over}), run_dir=run, progress=False,
-                     on_record=lambda r: r["round"] == 1 and sim.request_stop(signal.SIGTERM))
-    with pytest.raises(RunInterrupted):
-        sim.run()
-    res = Simulation(resume_config(run), resume=run, progress=False).run()
+    res = stop_and_resume({**BASE, **over}, run)
     assert _strip(res.records) == _strip(full.records)
     for cid in range(3):
         a, b = full.store.get(cid), res.store.get(cid)

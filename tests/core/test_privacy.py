@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import signal
 
 import pytest
 import torch
@@ -16,11 +15,11 @@ pytestmark = pytest.mark.filterwarnings("ignore:Optimal order is the largest alp
 from opacus.accountants import RDPAccountant  # noqa: E402
 
 from fedforge.config import build_config  # noqa: E402
-from fedforge.core.faults import RunInterrupted  # noqa: E402
 from fedforge.core.privacy import CLIP, CLIP_LR, Privacy, ServerDP  # noqa: E402
 from fedforge.core.runtime import Task, Worker, WorkerSpec  # noqa: E402
-from fedforge.core.simulation import Simulation, resume_config  # noqa: E402
+from fedforge.core.simulation import Simulation  # noqa: E402
 from fedforge.errors import ConfigError  # noqa: E402
+from tests.support.resume import stop_and_resume  # noqa: E402
 
 # digits split iid among 3 clients: 449 training samples each, so sample weights are equal weights
 BASE = dict(dataset="digits", model="mlp", partition="iid", clients=3, rounds=2, threads=1, lr=0.05, seed=4,
@@ -133,11 +132,7 @@ def test_adaptive_clipping_resumes_bit_for_bit(tmp_path):
     assert clips[0] == 0.2 and clips[1] != 0.2
     assert not any(k.startswith("privacy/") for k in full.server)  # kept out of the algorithm's view
     run = tmp_path / "stopped"
-    sim = Simulation(build_config(overrides={**BASE, **over}), run_dir=run, progress=False,
-                     on_record=lambda r: r["round"] == 1 and sim.request_stop(signal.SIGTERM))
-    with pytest.raises(RunInterrupted):
-        sim.run()
-    res = Simulation(resume_config(run), resume=run, progress=False).run()
+    res = stop_and_resume({**BASE, **over}, run)
     assert _strip(res.records) == _strip(full.records)
     assert all(torch.equal(full.server[k], res.server[k]) for k in full.server)
 

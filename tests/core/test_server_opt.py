@@ -8,6 +8,7 @@ from fedforge.config import build_config
 from fedforge.core.server_opt import ServerOptimizer
 from fedforge.core.simulation import Simulation
 from fedforge.errors import ConfigError
+from tests.support.resume import stop_and_resume
 
 BASE = dict(dataset="digits", model="mlp", clients=4, rounds=2, threads=1, lr=0.05, seed=3)
 
@@ -61,17 +62,10 @@ def test_avgm_without_momentum_at_lr_1_is_plain_and_a_method_without_weights_is_
 
 
 def test_server_optimiser_state_resumes_bit_for_bit(tmp_path):
-    import signal
 
-    from fedforge.core.faults import RunInterrupted
-    from fedforge.core.simulation import resume_config
 
     over = dict(server_opt="yogi", server_lr=0.05, rounds=3, checkpoint_every=0)
     full = _run(**over)
     run = tmp_path / "stopped"
-    sim = Simulation(build_config(overrides={**BASE, **over}), run_dir=run, progress=False,
-                     on_record=lambda r: r["round"] == 1 and sim.request_stop(signal.SIGTERM))
-    with pytest.raises(RunInterrupted):
-        sim.run()
-    res = Simulation(resume_config(run), resume=run, progress=False).run()
+    res = stop_and_resume({**BASE, **over}, run)
     assert _strip(res.records) == _strip(full.records)
