@@ -11,6 +11,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fedforge.cli import main
+from fedforge.generative import load_generator
+from fedforge.generative.images import image_grid
+from tests.support.tiny_stylegan import write_stylegan_pickle
 
 TINY = ["--dataset", "digits", "--channels", "8", "--d-channels", "8", "--batch-size", "16", "--no-progress"]
 
@@ -67,6 +70,59 @@ def test_missing_diffusers_extra_exit_2(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "diffusers", None)  # as if the optional extra were not installed
     assert main(["-q", "generator", "sample", f"diffusers:{tmp_path}", "--out", str(tmp_path / "x.png")]) == 2
     assert 'pip install "fedforge[diffusers]"' in capsys.readouterr().err
+
+
+def png_pixels(path, upscale: int = 2) -> np.ndarray:
+    """A grid written by `fedforge generator sample`, without its nearest-neighbour upscaling."""
+    return np.asarray(Image.open(path))[::upscale, ::upscale]
+
+
+def test_stylegan_pickle_through_the_cli_only_with_the_trust_flag(tmp_path, capsys):
+    """A tiny StyleGAN-shaped pickle: refused without --trust-generator-pickle (one sentence, exit code 2), loaded
+    with it by `fedforge generator sample` (the grid is the back-end's images) and by a FedKTL run."""
+    pkl = write_stylegan_pickle(tmp_path / "net.pkl")
+    grid = tmp_path / "grid.png"
+    sample = ["-q", "generator", "sample", f"stylegan:{pkl}", "--out", str(grid), "-n", "4", "--seed", "3"]
+    assert main(sample) == 2
+    err = capsys.readouterr().err
+    assert "--trust-generator-pickle" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not grid.exists()
+    assert main([*sample, "--trust-generator-pickle"]) == 0
+    g = load_generator(f"stylegan:{pkl}", trust_pickle=True)
+    assert np.array_equal(png_pixels(grid), image_grid(g.synthesize(g.sample_prior(4, 3))))
+    run = tmp_path / "run"
+    assert main(["-q", "run", "--algorithm", "fedktl", "--dataset", "digits", "--model", "mlp", "--clients", "2",
+                 "--rounds", "1", "--generator", f"stylegan:{pkl}", "--trust-generator-pickle",
+                 "--set", "server_epochs=2", "--out", str(run), "--no-progress"]) == 0, capsys.readouterr().err
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert np.isfinite(last["server_mmd"]) and last["server_generate_seconds"] >= 0
+    assert (run / "artifacts" / "generated_round0001.png").is_file()
+
+
+def test_diffusers_folder_through_the_cli(tmp_path, capsys, tiny_sd, monkeypatch):
+    """`fedforge generator sample diffusers:DIR` with a prompt and steps, and FedKTL with the folder and a prompt."""
+    from fedforge.generative.diffusion import DiffusersGenerator
+
+    grid = tmp_path / "grid.png"
+    assert main(["-q", "generator", "sample", f"diffusers:{tiny_sd}", "--prompt", "a cat", "--steps", "2",
+                 "--guidance", "2", "-n", "2", "--out", str(grid)]) == 0, capsys.readouterr().err
+    g = load_generator(f"diffusers:{tiny_sd}", steps=2, guidance=2.0)
+    assert np.array_equal(png_pixels(grid), image_grid(g.synthesize(g.sample_prior(2, 0), "a cat")))
+    seen = []  # what FedKTL's server asks the back-end for (the real synthesize runs)
+    synthesize = DiffusersGenerator.synthesize
+
+    def spy(self, latents, condition=None):
+        seen.append((condition, self.steps, self.guidance, tuple(latents.shape)))
+        return synthesize(self, latents, condition)
+
+    monkeypatch.setattr(DiffusersGenerator, "synthesize", spy)
+    run = tmp_path / "run"
+    assert main(["-q", "run", "--algorithm", "fedktl", "--dataset", "digits", "--model", "mlp", "--clients", "2",
+                 "--rounds", "1", "--generator", f"diffusers:{tiny_sd}", "--set", "prompt=a photo of a cat",
+                 "--set", "gen_steps=2", "--set", "guidance=2", "--set", "server_epochs=2", "--out", str(run),
+                 "--no-progress"]) == 0, capsys.readouterr().err
+    assert seen == [("a photo of a cat", 2, 2.0, (10, 4 * 8 * 8))], "one image per class from its latent centroid"
+    assert (run / "artifacts" / "generated_round0001.png").is_file()
 
 
 def test_list_generators(capsys):

@@ -3,17 +3,15 @@ from __future__ import annotations
 
 import json
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
 from fedforge.generative import GENERATORS, GeneratorError, load_generator
 from fedforge.generative.builtin import GeneratorNet, default_asset_dir, load_builtin, save_builtin
 from fedforge.generative.images import convert_channels, fit_to_input, image_grid, resize_images
+from tests.support.tiny_stylegan import write_stylegan_pickle
 
 
 def check_interface(g, n: int = 3) -> np.ndarray:
@@ -116,65 +114,6 @@ def test_fit_to_input_resizes_and_converts_channels():
 
 
 # ------------------------------------------------------------------------------------------------ stylegan
-class TinyMapping(nn.Module):
-    """z (and a one-hot class) → W, broadcast to num_ws copies, with truncation towards w_avg (StyleGAN's API)."""
-
-    def __init__(self, z_dim: int, c_dim: int, w_dim: int, num_ws: int):
-        super().__init__()
-        self.z_dim, self.c_dim, self.w_dim, self.num_ws = z_dim, c_dim, w_dim, num_ws
-        self.embed = nn.Linear(c_dim, z_dim) if c_dim else None
-        self.fc = nn.Sequential(nn.Linear(2 * z_dim if c_dim else z_dim, w_dim), nn.LeakyReLU(0.2), nn.Linear(w_dim, w_dim))
-        self.register_buffer("w_avg", torch.zeros(w_dim))
-
-    def forward(self, z, c, truncation_psi=1.0, truncation_cutoff=None, update_emas=False):
-        x = F.normalize(z, dim=1) * z.shape[1] ** 0.5
-        if self.c_dim:
-            x = torch.cat([x, self.embed(c)], dim=1)
-        w = self.fc(x)
-        w = self.w_avg + (w - self.w_avg) * truncation_psi
-        return w.unsqueeze(1).repeat(1, self.num_ws, 1)
-
-
-class TinySynthesis(nn.Module):
-    """W⁺ → image in [−1, 1]: a learned 4×4 constant, style-modulated, up-sampled twice."""
-
-    def __init__(self, w_dim: int, num_ws: int, resolution: int, channels: int):
-        super().__init__()
-        self.num_ws, self.img_resolution = num_ws, resolution
-        self.const = nn.Parameter(torch.randn(8, 4, 4))
-        self.styles = nn.ModuleList(nn.Linear(w_dim, 8) for _ in range(num_ws))
-        self.convs = nn.ModuleList(nn.Conv2d(8, 8, 3, padding=1) for _ in range(num_ws - 1))
-        self.to_img = nn.Conv2d(8, channels, 1)
-
-    def forward(self, ws, noise_mode="random", force_fp32=False, **kwargs):
-        x = self.const.unsqueeze(0).repeat(ws.shape[0], 1, 1, 1) * self.styles[0](ws[:, 0])[:, :, None, None]
-        for i, conv in enumerate(self.convs):
-            x = F.interpolate(x, scale_factor=2) if x.shape[-1] < self.img_resolution else x
-            x = F.leaky_relu(conv(x * self.styles[i + 1](ws[:, i + 1])[:, :, None, None]), 0.2)
-        return torch.tanh(self.to_img(x))
-
-
-class TinyStyleGAN(nn.Module):
-    """A network with the attributes FedKTL and the StyleGAN back-end read from NVlabs' G_ema."""
-
-    def __init__(self, c_dim: int = 0):
-        super().__init__()
-        self.z_dim, self.c_dim, self.w_dim, self.num_ws = 12, c_dim, 10, 3
-        self.img_resolution, self.img_channels = 16, 3
-        self.mapping = TinyMapping(self.z_dim, c_dim, self.w_dim, self.num_ws)
-        self.synthesis = TinySynthesis(self.w_dim, self.num_ws, 16, 3)
-
-    def forward(self, z, c, **kw):
-        return self.synthesis(self.mapping(z, c, **kw), **kw)
-
-
-def write_stylegan_pickle(path: Path, c_dim: int = 0) -> Path:
-    torch.manual_seed(0)
-    with open(path, "wb") as f:
-        pickle.dump({"G_ema": TinyStyleGAN(c_dim), "training_set_kwargs": {}}, f)
-    return path
-
-
 @pytest.mark.parametrize("c_dim", [0, 5], ids=["unconditional", "class-conditional"])
 def test_stylegan_pickle_back_end(tmp_path, c_dim):
     pkl = write_stylegan_pickle(tmp_path / "net.pkl", c_dim)
@@ -211,53 +150,62 @@ def test_stylegan_pickle_refused_without_trust(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ diffusers
-def build_tiny_sd_pipeline(path: Path) -> Path:
-    """A randomly initialised Stable-Diffusion-shaped pipeline built from configs (nothing is downloaded)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
-                                block_out_channels=(8, 16), down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-                                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
-                                norm_num_groups=4, attention_head_dim=2)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 16),
-                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                        norm_num_groups=4, sample_size=16)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0,
-                                        eos_token_id=1, pad_token_id=1))
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for ch in "abcdefghijklmnopqrstuvwxyz":
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    tok_dir = path.parent / "tokenizer-files"
-    tok_dir.mkdir(parents=True, exist_ok=True)
-    (tok_dir / "vocab.json").write_text(json.dumps(vocab))
-    (tok_dir / "merges.txt").write_text("#version: 0.2\n")
-    tok = CLIPTokenizer(str(tok_dir / "vocab.json"), str(tok_dir / "merges.txt"), model_max_length=16)
-    sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                          set_alpha_to_one=False)
-    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(path))
-    return path
-
-
-@pytest.fixture(scope="module")
-def tiny_sd(tmp_path_factory):
-    pytest.importorskip("diffusers", reason="diffusers is not installed (optional extra: pip install \"fedforge[diffusers]\")")
-    pytest.importorskip("transformers", reason="transformers is not installed (optional extra: pip install \"fedforge[diffusers]\")")
-    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
-
-
 def test_diffusers_back_end(tiny_sd):
+    """Text to image through ``diffusers:DIR``: a save_pretrained folder loaded with local files only."""
+    assert (tiny_sd / "model_index.json").is_file()
     g = load_generator(f"diffusers:{tiny_sd}", steps=2, guidance=2.0, prompt="a cat")
-    assert g.latent_dim == 4 * 8 * 8 and g.resolution == 16 and g.kind == "stable-diffusion"
-    imgs = check_interface(g, n=2)
-    assert not np.array_equal(imgs, g.synthesize(g.sample_prior(2, 7), "a dog")), "the prompt conditions the images"
+    assert g.latent_dim == 4 * 8 * 8 and g.resolution == 16 and g.kind == "stable-diffusion" and g.conditional
+    imgs = check_interface(g, n=2)  # shape, uint8, same latents → same images, vary
+    z = g.sample_prior(2, 7)
+    assert not np.array_equal(imgs, g.synthesize(g.sample_prior(2, 8))), "other latents, other images"
+    assert not np.array_equal(imgs, g.synthesize(z, "a dog")), "the prompt conditions the images"
+    assert np.array_equal(g.synthesize(z, "a dog"), g.synthesize(z, "a dog"))
     with pytest.raises(GeneratorError, match="model_index.json"):
         load_generator(f"diffusers:{tiny_sd.parent}")
+    with pytest.raises(GeneratorError, match="no option 'truncation'"):
+        load_generator(f"diffusers:{tiny_sd}", truncation=0.7)
+
+
+def autoencoder_round_trip(g, images: np.ndarray) -> np.ndarray:
+    """The images as the pipeline's VAE reproduces them, decode(encode(x)): what img2img tends to as strength → 0
+    (a trained SD VAE reproduces its input; the tiny random one does not, so the tests compare with this)."""
+    vae = g.pipe.vae
+    with torch.no_grad():
+        x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        out = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return ((out.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+
+
+def test_diffusers_img2img_variation(tiny_sd):
+    """PCEvolve's variation (``img2img(images, strength, condition, rng)``): diffusers' img2img pipeline on the same
+    components; weak strength stays at the input, strong strength moves away; deterministic given rng."""
+    g = load_generator(f"diffusers:{tiny_sd}", steps=10, guidance=2.0, prompt="a cat")
+    x = g.synthesize(g.sample_prior(2, 3))
+    ref = autoencoder_round_trip(g, x)
+    apart = np.abs(ref - ref[::-1]).mean()  # how far the two images are from each other
+    assert apart > 10
+    weak, strong = g.img2img(x, 0.1, None, 1), g.img2img(x, 0.8, None, 1)  # 1 and 8 of 10 denoising steps
+    assert weak.shape == strong.shape == x.shape and weak.dtype == strong.dtype == np.uint8
+    d_weak, d_strong = np.abs(weak - ref).mean(), np.abs(strong - ref).mean()
+    assert d_weak < 0.2 * apart, f"strength 0.1 stays close to the input ({d_weak:.1f} vs {apart:.1f} between images)"
+    assert d_strong > 0.5 * apart and d_strong > 3 * d_weak, f"strength 0.8 moves away ({d_strong:.1f} vs {d_weak:.1f})"
+    # deterministic given rng, whatever the batch size; another rng or another prompt gives other images
+    g.batch_size = 1
+    assert np.array_equal(g.img2img(x, 0.8, None, 1), strong)
+    assert not np.array_equal(g.img2img(x, 0.8, None, 2), strong)
+    assert not np.array_equal(g.img2img(x, 0.8, "a dog", 1), strong)
+    # a strength too weak for one of the 10 steps gets a longer schedule that runs one step (20 steps at 0.05)
+    assert (g.img2img_steps(0.05), g.img2img_steps(0.1), g.img2img_steps(0.8)) == (20, 10, 10)
+    assert np.abs(g.img2img(x, 0.05, None, 1) - ref).mean() < 0.2 * apart
+    # strength 0, or below one of the scheduler's 1000 training timesteps, gives the images back
+    assert np.array_equal(g.img2img(x, 0.0, None, 1), x) and np.array_equal(g.img2img(x, 0.0005, None, 1), x)
+    # any size and gray inputs are fitted to the generator's resolution first (PCEvolve varies the candidates it made)
+    gray = np.ascontiguousarray(x[:, ::2, ::2, :1])
+    assert g.img2img(gray, 0.1, None, 1).shape == (2, 16, 16, 3)
+    with pytest.raises(GeneratorError, match=r"strength must lie in \[0, 1\]"):
+        g.img2img(x, 1.5, None, 1)
+    with pytest.raises(GeneratorError, match="uint8 NHWC"):
+        g.img2img(x.astype(np.float32), 0.5, None, 1)
 
 
 def test_diffusers_missing_extra_is_one_sentence(tmp_path, monkeypatch):

@@ -42,6 +42,14 @@ class SynthConfig:
     shots: int = option(10, "private images per class (the paper's README: 10)", ge=1, metavar="K")
     class_subset: str | None = option(None, "keep classes A-B of the private dataset, relabelled 0..B-A", metavar="A-B")
     generator: str = option("builtin", "builtin[:DIR], diffusers:DIR or stylegan:FILE", metavar="SPEC")
+    gen_steps: int = option(50, "denoising steps of a diffusers generator (PCEvolve: 50)", ge=1, metavar="S")
+    guidance: float = option(7.5, "classifier-free guidance scale of a diffusers generator (PCEvolve: 7.5)", ge=0,
+                             metavar="G")
+    gen_batch_size: int = option(4, "images per call of a diffusers generator", ge=1, metavar="B")
+    gen_dtype: str = option("float32", "weights' dtype of a diffusers generator (PCEvolve: float16 on a GPU)",
+                            choices=("float32", "float16", "bfloat16"))
+    trust_generator_pickle: bool = option(False, "allow loading a StyleGAN pickle (unpickling runs code from the file: "
+                                                 "only for files you trust)")
     selector: str = option("pcevolve", "pcevolve (exponential mechanism), pe (noisy votes), rf (no privacy), "
                            "none (iteration 0 only)", choices=SELECTORS)
     epsilon: float = option(0.2, "privacy budget per iteration (PCEvolve README: 0.2); inf turns the noise off",
@@ -125,6 +133,16 @@ def split_private(ds: Dataset, shots: int, seed: int, test_per_class: int | None
     return np.concatenate(priv), np.concatenate(test)
 
 
+def generator_options(cfg: SynthConfig) -> dict[str, Any]:
+    """The ``load_generator`` options of ``cfg.generator``: the device, the trust flag, and for a diffusers folder its
+    steps, guidance, batch size and dtype."""
+    opts: dict[str, Any] = {"device": cfg.device, "trust_pickle": cfg.trust_generator_pickle}
+    if cfg.generator.split(":", 1)[0] == "diffusers":
+        opts |= {"steps": cfg.gen_steps, "guidance": cfg.guidance, "batch_size": cfg.gen_batch_size,
+                 "dtype": cfg.gen_dtype}
+    return opts
+
+
 def _write_grid(server: Server, path: Path, columns: int) -> None:
     from ..generative.images import image_grid, save_png
 
@@ -153,7 +171,7 @@ def run_synth(cfg: SynthConfig, *, dataset: Dataset | None = None, generator: Ge
     px, py = ds.x[priv_idx], ds.y[priv_idx]
     enc = encoder if encoder is not None else load_encoder(cfg.encoder, cfg.device)
     enc.check_images(px.shape)
-    gen = generator if generator is not None else load_generator(cfg.generator, device=cfg.device)
+    gen = generator if generator is not None else load_generator(cfg.generator, **generator_options(cfg))
     C = ds.num_classes
     labels = list(cfg.labels) if cfg.labels else (ds.class_names or None)
     if labels is not None and len(labels) != C:
