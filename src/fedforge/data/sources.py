@@ -378,6 +378,13 @@ KNOWN_STATS = {
 
 TORCHVISION_NAMES = {"mnist": "MNIST", "fmnist": "FashionMNIST", "cifar10": "CIFAR10", "cifar100": "CIFAR100"}
 
+# The official class names, in label order (CIFAR's meta files; torchvision's ``classes``).
+CLASS_NAMES = {
+    "cifar10": "airplane automobile bird cat deer dog frog horse ship truck".split(),
+    "cifar100": ("apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster man maple_tree motorcycle mountain "
+                 "mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm").split(),
+}
+
 
 def _download_torchvision(name: str, root: Path) -> tuple[np.ndarray, np.ndarray]:
     """Download the official train and test sets through torchvision and pool them."""
@@ -416,7 +423,8 @@ def _cached_source(name: str, num_classes: int) -> Callable[..., Dataset]:
         if x.shape[3] != len(mean):
             raise DataError(f"{path} holds {x.shape[3]}-channel images, but {name} has {len(mean)} channel(s); "
                             f"it is not {name}: replace it with the real {name}.npz.")
-        return Dataset(name, x, y, k, mean, std)
+        names = CLASS_NAMES.get(name)
+        return Dataset(name, x, y, k, mean, std, class_names=list(names) if names and len(names) == k else None)
 
     load.__doc__ = f"{TORCHVISION_NAMES[name]} from the cache (<root>/{name}.npz); downloadable through torchvision."
     return load

@@ -13,7 +13,6 @@ the random stream, so an interrupted training resumes exactly where it stopped.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from importlib import resources
@@ -27,22 +26,29 @@ import torch.nn.functional as F
 
 from .._io import atomic_write_bytes, atomic_write_text
 from .base import GENERATORS, Generator, GeneratorError, as_generator
+from .cgan import CGANGenerator, ConditionalGenerator, build_from_config
+from .gan_common import (  # noqa: F401
+    CKPT,
+    CKPT_META,
+    CONFIG,
+    FORMAT,
+    LOSSES,
+    WEIGHTS,
+    _flatten_opt,
+    _levels,
+    _restore_opt,
+    ema_decay_at,
+    plot_losses,
+    recalibrate_batchnorm,
+    save_builtin,
+)
 from .images import image_grid, save_png, to_uint8
 
-FORMAT = "fedforge-builtin-generator"
-WEIGHTS, CONFIG = "generator.safetensors", "generator.json"
-CKPT, CKPT_META, LOSSES = "checkpoint.safetensors", "checkpoint.json", "losses.jsonl"
 DEFAULT_ASSET = "builtin-cifar100-0-49"  # under fedforge/assets/
+C100_ASSET = "builtin-cifar100"  # all 100 classes (generator v2 only)
 
 
 # -------------------------------------------------------------------------------------------- networks
-def _levels(resolution: int) -> int:
-    k = int(round(math.log2(resolution / 4)))
-    if resolution < 8 or 4 * 2**k != resolution:
-        raise GeneratorError(f"the built-in generator makes square images of 4·2^k pixels (8, 16, 32, 64, ...), not {resolution}.")
-    return k
-
-
 class GeneratorNet(nn.Module):
     """z → image in [−1, 1] (NCHW)."""
 
@@ -114,8 +120,8 @@ class BuiltinGenerator(Generator):
         return f"BuiltinGenerator({self.source or 'in memory'}, latent {self.latent_dim}, {self.resolution}px)"
 
 
-def default_asset_dir() -> Path:
-    return Path(str(resources.files("fedforge") / "assets" / DEFAULT_ASSET))
+def default_asset_dir(asset: str = DEFAULT_ASSET) -> Path:
+    return Path(str(resources.files("fedforge") / "assets" / asset))
 
 
 def _resolve(path: str | None) -> tuple[Path, Path]:
@@ -130,7 +136,7 @@ def _resolve(path: str | None) -> tuple[Path, Path]:
     return p, p.with_suffix(".json")
 
 
-def load_builtin(path: str | None = None, device: str | torch.device = "cpu") -> BuiltinGenerator:
+def load_builtin(path: str | None = None, device: str | torch.device = "cpu") -> Generator:
     """Load ``generator.safetensors`` + ``generator.json`` from a folder (default: the shipped CIFAR-100 0–49 model)."""
     from safetensors.torch import load_file
 
@@ -145,7 +151,12 @@ def load_builtin(path: str | None = None, device: str | torch.device = "cpu") ->
         config = json.loads(cfg_path.read_text())
         if not isinstance(config, dict) or config.get("format") != FORMAT:
             raise ValueError("not a fedforge built-in generator config")
-        net = GeneratorNet(int(config["latent_dim"]), int(config["resolution"]), int(config["channels"]), int(config["base_channels"]))
+        conditional = config.get("architecture") == "cgan"
+        net: nn.Module
+        if conditional:
+            net = build_from_config(config)
+        else:
+            net = GeneratorNet(int(config["latent_dim"]), int(config["resolution"]), int(config["channels"]), int(config["base_channels"]))
     except GeneratorError:
         raise
     except (ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
@@ -158,105 +169,34 @@ def load_builtin(path: str | None = None, device: str | torch.device = "cpu") ->
     if set(state) != set(own) or any(tuple(state[k].shape) != tuple(own[k].shape) for k in own):
         raise GeneratorError(f"{weights} does not match the architecture in {cfg_path}; keep the two files of one training together.")
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    if conditional:
+        assert isinstance(net, CGANGenerator)
+        return ConditionalGenerator(net, config, device, source=str(where))
+    assert isinstance(net, GeneratorNet)
     return BuiltinGenerator(net, config, device, source=str(where))
 
 
-@GENERATORS.register("builtin", summary="fedforge's own small GAN, N(0,I) latent prior; builtin[:DIR] (default: shipped, CIFAR-100 classes 0-49)")
-def _builtin_factory(arg: str | None, device: str = "cpu", trust_pickle: bool = False, **options: Any) -> BuiltinGenerator:
+@GENERATORS.register("builtin", summary="fedforge's own GAN; builtin[:DIR] (default: shipped, CIFAR-100 classes 0-49)")
+def _builtin_factory(arg: str | None, device: str = "cpu", trust_pickle: bool = False, **options: Any) -> Generator:
     if options:
         raise GeneratorError(f"the builtin generator has no option '{next(iter(options))}'; it takes none besides device.")
     return load_builtin(arg, device)
 
 
-def save_builtin(net: GeneratorNet, config: dict, out: str | os.PathLike, half: bool = True) -> Path:
-    """Write ``generator.safetensors`` (fp16 by default: half the size, no visible change) and ``generator.json``."""
-    from safetensors.torch import save
-
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    state = {k: (v.detach().half() if half and v.is_floating_point() else v.detach()).contiguous().cpu()
-             for k, v in net.state_dict().items()}
-    atomic_write_bytes(out / WEIGHTS, save(state))
-    atomic_write_text(out / CONFIG, json.dumps({**config, "format": FORMAT, "dtype": "float16" if half else "float32"}, indent=2) + "\n")
-    for f in (WEIGHTS, CONFIG):
-        os.chmod(out / f, 0o644)  # shareable files, not private temporaries
-    return out
+@GENERATORS.register("builtin-c100", summary="fedforge's shipped class-conditional GAN on all 100 CIFAR-100 classes (held-out split excluded)")
+def _builtin_c100_factory(arg: str | None, device: str = "cpu", trust_pickle: bool = False, **options: Any) -> Generator:
+    if options:
+        raise GeneratorError(f"the builtin-c100 generator has no option '{next(iter(options))}'; it takes none besides device.")
+    if arg:
+        raise GeneratorError("builtin-c100 takes no path; use builtin:DIR for a generator folder of your own.")
+    folder = default_asset_dir(C100_ASSET)
+    if not (folder / WEIGHTS).is_file():
+        raise GeneratorError(f"the builtin-c100 generator is not installed in {folder}; train it with "
+                             f"`python benchmarks/generator_builtin.py --variant builtin-c100 --out DIR`.")
+    return load_builtin(str(folder), device)
 
 
 # --------------------------------------------------------------------------------------------- training
-def _flatten_opt(prefix: str, opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    out = {}
-    for idx, st in opt.state_dict()["state"].items():
-        for name, t in st.items():
-            out[f"{prefix}/{idx}/{name}"] = torch.as_tensor(t).detach().clone().contiguous()
-    return out
-
-
-def _restore_opt(prefix: str, opt: torch.optim.Optimizer, flat: dict[str, torch.Tensor]) -> None:
-    sd = opt.state_dict()
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    p = prefix + "/"
-    for k, v in flat.items():
-        if k.startswith(p):
-            idx, name = k[len(p):].split("/", 1)
-            state.setdefault(int(idx), {})[name] = v
-    opt.load_state_dict({"state": state, "param_groups": sd["param_groups"]})
-
-
-@torch.no_grad()
-def recalibrate_batchnorm(net: GeneratorNet, latent_dim: int, gen: torch.Generator, batches: int = 20, batch_size: int = 256) -> None:
-    """Recompute BatchNorm running statistics as exact averages over fresh prior batches (for the EMA weights)."""
-    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    net.train()
-    for _ in range(batches):
-        net(torch.randn(batch_size, latent_dim, generator=gen))
-    for m, mom in zip(bns, saved):
-        m.momentum = mom
-    net.eval()
-
-
-def plot_losses(log: list[dict], path: str | os.PathLike, title: str = "built-in generator training") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r["step"] for r in log]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-    for key, label in (("d_loss", "discriminator (hinge)"), ("g_loss", "generator (−D(G(z)))")):
-        axes[0].plot(steps, [r[key] for r in log], label=label, lw=1)
-    axes[0].set_xlabel("step")
-    axes[0].set_ylabel("loss (mean over the logging interval)")
-    axes[0].legend()
-    axes[0].set_title("losses")
-    for key, label in (("d_real", "D(real)"), ("d_fake", "D(G(z))")):
-        axes[1].plot(steps, [r[key] for r in log], label=label, lw=1)
-    axes[1].set_xlabel("step")
-    axes[1].set_ylabel("mean discriminator score")
-    axes[1].legend()
-    axes[1].set_title("discriminator scores")
-    fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def ema_decay_at(step: int, decay: float) -> float:
-    """Decay of the weight average at ``step`` (0-based): min(decay, (1 + step) / (10 + step)).
-
-    A fixed 0.999 from the first step leaves 0.999^k of the random initialisation in the average after k steps
-    (78 % after 250 steps, so a short run exported noise); the ramp makes the average follow the generator early
-    and reach the full decay after about 9,000 steps.
-    """
-    return min(decay, (1.0 + step) / (10.0 + step))
-
-
 def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, batch_size: int = 64, latent_dim: int = 128,
                   base_channels: int = 64, d_channels: int = 32, lr: float = 2e-4, ema_decay: float = 0.999,
                   seed: int = 0, checkpoint_every: int = 250, log_every: int = 25, meta: dict | None = None,
