@@ -166,16 +166,16 @@ def heldout_split(y: np.ndarray, class_ids: Sequence[int], held_out_per_class: i
     """(train, held-out) positions into ``y`` (dataset class ids, in cache order): of each class, the first
     ``held_out_per_class`` of ``default_rng([seed, class_id]).permutation`` of its positions are held out, so one
     class's split is the same whichever other classes are evaluated."""
-    train, test = [], []
+    from fedforge.generative.split import draw_held_out
+
+    pos = np.flatnonzero(np.isin(y, list(class_ids)))
+    counts = np.bincount(y[pos]) if pos.size else np.zeros(0, int)
     for c in class_ids:
-        pos = np.flatnonzero(y == c)
-        if len(pos) <= held_out_per_class:
-            raise ConfigError(f"class {c} has {len(pos)} images; --held-out-per-class {held_out_per_class} leaves none "
-                              f"to train on; hold out fewer.")
-        perm = np.random.default_rng([seed, int(c)]).permutation(len(pos))
-        test.append(pos[perm[:held_out_per_class]])
-        train.append(pos[perm[held_out_per_class:]])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+        if int(counts[c] if c < len(counts) else 0) <= held_out_per_class:
+            raise ConfigError(f"class {c} has {int(counts[c] if c < len(counts) else 0)} images; --held-out-per-class "
+                              f"{held_out_per_class} leaves none to train on; hold out fewer.")
+    test = pos[draw_held_out(y[pos], held_out_per_class, seed)]  # draw_held_out gives positions into y[pos]
+    return np.setdiff1d(pos, test), np.sort(test)
 
 
 def balanced_take(y: np.ndarray, positions: np.ndarray, class_ids: Sequence[int], n: int, seed: int) -> np.ndarray:
