@@ -124,3 +124,19 @@ def test_shipped_v2_generators_are_class_conditional():
     assert imgs.shape == (4, 32, 32, 3) and imgs.std() > 0
     with pytest.raises(GeneratorError, match="takes no path"):
         load_generator("builtin-c100:/tmp")
+
+
+def test_cli_trains_the_conditional_generator_on_a_class_subset(tmp_path, capsys):
+    from fedforge.cli import main
+
+    out = tmp_path / "g"
+    argv = ["generator", "train", "--conditional", "--dataset", "digits", "--class-subset", "3-6", "--steps", "2",
+            "--checkpoint-every", "2", "--channels", "8", "--d-channels", "8", "--latent-dim", "8", "--batch-size", "8",
+            "--no-progress", "--out", str(out)]
+    assert main(argv) == 0
+    g = load_generator(f"builtin:{out}")
+    assert isinstance(g, ConditionalGenerator) and g.classes == [3, 4, 5, 6] and g.latent_dim == 16
+    assert g.synthesize(g.sample_prior(2, 0), 5).shape == (2, 8, 8, 1)
+    cfg = json.loads((out / "generator.json").read_text())
+    assert cfg["command"].startswith("fedforge generator train --conditional --dataset digits --class-subset 3-6")
+    assert "builtin:" in capsys.readouterr().out
