@@ -612,7 +612,8 @@ def write_table(table: str | Path) -> Path:
                          f"{_f(b['fid'])} | {_f(b['precision'])} | {_f(b['recall'])} | {_f(h['acc'])} | "
                          f"{_f(h['mean_confidence'])} | {_f(h['pred_entropy'])} ({_f(h['pred_entropy_max'])}) | "
                          f"{h['classes_predicted']} | |")
-        lines.append(f"| `{r['spec']}` | {r['kind']}{' (conditional)' if r['conditional'] else ''} | {ref['classes']} | "
+        label = f"`{r['spec']}`" + (f" ({r['name']})" if r["name"] != r["spec"] else "")
+        lines.append(f"| {label} | {r['kind']}{' (conditional)' if r['conditional'] else ''} | {ref['classes']} | "
                      f"{r['n']} | {_f(r['fid'])} | {_f(r['precision'])} | {_f(r['recall'])} | "
                      f"{_f(r['class_conditional_acc'])} | {_f(r['mean_confidence'])} | "
                      f"{_f(r['pred_entropy'])} ({_f(r['pred_entropy_max'])}) | {r['classes_predicted']} | "
