@@ -59,9 +59,7 @@ class Generator(ABC):
     def vary(self, latents: torch.Tensor, strength: float, rng: np.random.Generator | torch.Generator | int | None = None) -> torch.Tensor:
         """Latents near ``latents``: spherical-style mix sqrt(1−s²)… by default ``(1−s)·z + s·z_fresh`` rescaled
         so that the prior's scale is kept (s = 0: same latents; s = 1: fresh prior samples)."""
-        if not 0.0 <= strength <= 1.0:
-            raise GeneratorError(f"variation strength must lie in [0, 1], got {strength}.")
-        z = self.check_latents(latents)
+        z = self.check_variation(latents, strength)
         fresh = self.sample_prior(z.shape[0], rng).to(z)
         if strength == 0.0:
             return z.clone()
@@ -69,6 +67,12 @@ class Generator(ABC):
             return fresh
         a, b = 1.0 - strength, strength
         return (a * z + b * fresh) / float(np.sqrt(a * a + b * b))
+
+    def check_variation(self, latents: torch.Tensor, strength: float) -> torch.Tensor:
+        """``latents`` checked as by :meth:`check_latents`, after refusing a strength outside [0, 1]."""
+        if not 0.0 <= strength <= 1.0:
+            raise GeneratorError(f"variation strength must lie in [0, 1], got {strength}.")
+        return self.check_latents(latents)
 
     def check_latents(self, latents: torch.Tensor) -> torch.Tensor:
         z = torch.as_tensor(latents, dtype=torch.float32)

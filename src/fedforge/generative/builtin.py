@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
@@ -24,22 +23,18 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._io import atomic_write_bytes, atomic_write_text
 from .base import GENERATORS, Generator, GeneratorError, as_generator
 from .cgan import CGANGenerator, ConditionalGenerator, build_from_config
-from .gan_common import (  # noqa: F401
-    CKPT,
-    CKPT_META,
+from .gan_common import (  # noqa: F401  (CONFIG, WEIGHTS, ema_decay_at, save_builtin: re-exported)
     CONFIG,
     FORMAT,
-    LOSSES,
     WEIGHTS,
-    _flatten_opt,
+    StepResult,
     _levels,
-    _restore_opt,
     ema_decay_at,
     plot_losses,
     recalibrate_batchnorm,
+    run_gan_training,
     save_builtin,
 )
 from .images import image_grid, save_png, to_uint8
@@ -206,8 +201,6 @@ def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, b
     Resumes from ``out/checkpoint.*`` when present (the architecture must match; ``steps`` may grow).
     Returns the final ``generator.json`` contents.
     """
-    from safetensors.torch import load_file, save
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     n, h, w, c = x.shape
@@ -223,36 +216,10 @@ def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, b
     opt_g = torch.optim.Adam(G.parameters(), lr, betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(D.parameters(), lr, betas=(0.5, 0.999))
     gen = torch.Generator().manual_seed(seed)
-    step, elapsed, log = 0, 0.0, []
-    if (out / CKPT_META).is_file() and (out / CKPT).is_file():
-        meta_ck = json.loads((out / CKPT_META).read_text())
-        if meta_ck.get("arch") != arch:
-            raise GeneratorError(f"{out} holds a checkpoint of another configuration ({meta_ck.get('arch')}); use another --out.")
-        flat = load_file(str(out / CKPT))
-        for prefix, mod in (("G", G), ("D", D), ("G_ema", G_ema)):
-            mod.load_state_dict({k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")})
-        _restore_opt("opt_g", opt_g, flat)
-        _restore_opt("opt_d", opt_d, flat)
-        gen.set_state(flat["rng"])
-        step, elapsed = int(meta_ck["step"]), float(meta_ck["elapsed_seconds"])
-        if (out / LOSSES).is_file():
-            log = [json.loads(line) for line in (out / LOSSES).read_text().splitlines() if line.strip()]
-            log = [r for r in log if r["step"] <= step]
-
     data = torch.from_numpy(np.ascontiguousarray(x))
     fixed_z = torch.randn(64, latent_dim, generator=torch.Generator().manual_seed(seed + 1))
 
-    def checkpoint() -> None:
-        flat = {f"G.{k}": v for k, v in G.state_dict().items()} | {f"D.{k}": v for k, v in D.state_dict().items()}
-        flat |= {f"G_ema.{k}": v for k, v in G_ema.state_dict().items()}
-        flat |= _flatten_opt("opt_g", opt_g) | _flatten_opt("opt_d", opt_d)
-        flat["rng"] = gen.get_state()
-        flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
-        atomic_write_bytes(out / CKPT, save(flat))
-        atomic_write_text(out / LOSSES, "".join(json.dumps(r) + "\n" for r in log))
-        atomic_write_text(out / CKPT_META, json.dumps({"arch": arch, "step": step, "elapsed_seconds": elapsed}, indent=2) + "\n")
-
-    def export() -> dict:
+    def export(log: list[dict], step: int, elapsed: float) -> dict:
         final = GeneratorNet(latent_dim, h, c, base_channels)
         final.load_state_dict(G_ema.state_dict())
         recalibrate_batchnorm(final, latent_dim, torch.Generator().manual_seed(seed + 2))
@@ -267,16 +234,7 @@ def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, b
             plot_losses(log, out / "losses.png")
         return config
 
-    bar = None
-    if progress and step < steps:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, initial=step, desc="generator", unit="step", dynamic_ncols=True)
-    acc = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "n": 0}
-    G.train()
-    D.train()
-    t_last = time.perf_counter()
-    while step < steps:
+    def one_step() -> StepResult:
         idx = torch.randint(0, n, (batch_size,), generator=gen)
         real = data[idx].permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
         if c == 3:
@@ -293,38 +251,8 @@ def train_builtin(x: np.ndarray, out: str | os.PathLike, *, steps: int = 6000, b
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
-        with torch.no_grad():
-            decay = ema_decay_at(step, ema_decay)
-            for pe, p in zip(G_ema.parameters(), G.parameters()):
-                pe.lerp_(p, 1.0 - decay)
-            for be, b in zip(G_ema.buffers(), G.buffers()):
-                be.copy_(b)
-        step += 1
-        acc["d_loss"] += float(d_loss.detach())
-        acc["g_loss"] += float(g_loss.detach())
-        acc["d_real"] += float(s_real.detach().mean())
-        acc["d_fake"] += float(s_fake.detach().mean())
-        acc["n"] += 1
-        now = time.perf_counter()
-        elapsed += now - t_last
-        t_last = now
-        if step % log_every == 0 or step == steps:
-            k = acc.pop("n")
-            rec = {"step": step, **{key: v / k for key, v in acc.items()}, "seconds": round(elapsed, 1)}
-            log.append(rec)
-            acc = {"d_loss": 0.0, "g_loss": 0.0, "d_real": 0.0, "d_fake": 0.0, "n": 0}
-            if on_log:
-                on_log(rec)
-            if bar is not None:
-                bar.set_postfix(d=f"{rec['d_loss']:.3f}", g=f"{rec['g_loss']:.3f}", refresh=False)
-        if bar is not None:
-            bar.update(1)
-        if step % checkpoint_every == 0 or step == steps:
-            checkpoint()
-            export()
-            t_last = time.perf_counter()  # writing outputs is not training time
-    if bar is not None:
-        bar.close()
-    if not (out / CKPT).is_file():
-        checkpoint()
-    return export()
+        return d_loss, g_loss, s_real, s_fake
+
+    return run_gan_training(out, arch, G, D, G_ema, opt_g, opt_d, gen, one_step, export, steps=steps, ema_decay=ema_decay,
+                            checkpoint_every=checkpoint_every, log_every=log_every, progress=progress, desc="generator",
+                            on_log=on_log)

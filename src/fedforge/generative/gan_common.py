@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -116,3 +117,90 @@ def ema_decay_at(step: int, decay: float) -> float:
     and reach the full decay after about 9,000 steps.
     """
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # d_loss, g_loss, D(real), D(fake)
+
+
+def run_gan_training(out: Path, arch: dict, G: nn.Module, D: nn.Module, G_ema: nn.Module,
+                     opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer, gen: torch.Generator,
+                     one_step: Callable[[], StepResult], export: Callable[[list[dict], int, float], dict], *,
+                     steps: int, ema_decay: float, checkpoint_every: int, log_every: int, progress: bool, desc: str,
+                     on_log: Callable[[dict], None] | None = None) -> dict:
+    """The training loop both built-in GANs share: resume from ``out``'s checkpoint (which must be of ``arch``), call
+    ``one_step()`` (the discriminator and generator updates, drawing from ``gen``) until ``steps``, update the weight
+    average ``G_ema``, log means over ``log_every`` steps, and every ``checkpoint_every`` steps write a checkpoint
+    (both networks, the average, both Adam states, the random stream) and ``export(log, step, seconds)``.
+    Returns the last export's config."""
+    from safetensors.torch import load_file, save
+
+    step, elapsed, log = 0, 0.0, []
+    if (out / CKPT_META).is_file() and (out / CKPT).is_file():
+        meta_ck = json.loads((out / CKPT_META).read_text())
+        if meta_ck.get("arch") != arch:
+            raise GeneratorError(f"{out} holds a checkpoint of another configuration ({meta_ck.get('arch')}); use another --out.")
+        flat = load_file(str(out / CKPT))
+        for prefix, mod in (("G", G), ("D", D), ("G_ema", G_ema)):
+            mod.load_state_dict({k[len(prefix) + 1:]: v for k, v in flat.items() if k.startswith(prefix + ".")})
+        _restore_opt("opt_g", opt_g, flat)
+        _restore_opt("opt_d", opt_d, flat)
+        gen.set_state(flat["rng"])
+        step, elapsed = int(meta_ck["step"]), float(meta_ck["elapsed_seconds"])
+        if (out / LOSSES).is_file():
+            log = [json.loads(line) for line in (out / LOSSES).read_text().splitlines() if line.strip()]
+            log = [r for r in log if r["step"] <= step]
+
+    def checkpoint() -> None:
+        flat = {f"G.{k}": v for k, v in G.state_dict().items()} | {f"D.{k}": v for k, v in D.state_dict().items()}
+        flat |= {f"G_ema.{k}": v for k, v in G_ema.state_dict().items()}
+        flat |= _flatten_opt("opt_g", opt_g) | _flatten_opt("opt_d", opt_d)
+        flat["rng"] = gen.get_state()
+        flat = {k: v.detach().contiguous().cpu() for k, v in flat.items()}
+        atomic_write_bytes(out / CKPT, save(flat))
+        atomic_write_text(out / LOSSES, "".join(json.dumps(r) + "\n" for r in log))
+        atomic_write_text(out / CKPT_META, json.dumps({"arch": arch, "step": step, "elapsed_seconds": elapsed}, indent=2) + "\n")
+
+    bar = None
+    if progress and step < steps:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, initial=step, desc=desc, unit="step", dynamic_ncols=True)
+    keys = ("d_loss", "g_loss", "d_real", "d_fake")
+    acc, n_acc = dict.fromkeys(keys, 0.0), 0
+    G.train()
+    D.train()
+    t_last = time.perf_counter()
+    while step < steps:
+        values = one_step()
+        with torch.no_grad():
+            decay = ema_decay_at(step, ema_decay)
+            for pe, p in zip(G_ema.parameters(), G.parameters()):
+                pe.lerp_(p, 1.0 - decay)
+            for be, b in zip(G_ema.buffers(), G.buffers()):
+                be.copy_(b)
+        step += 1
+        for key, v in zip(keys, values):
+            acc[key] += float(v.detach().float().mean())
+        n_acc += 1
+        now = time.perf_counter()
+        elapsed += now - t_last
+        t_last = now
+        if step % log_every == 0 or step == steps:
+            rec = {"step": step, **{key: v / n_acc for key, v in acc.items()}, "seconds": round(elapsed, 1)}
+            log.append(rec)
+            acc, n_acc = dict.fromkeys(keys, 0.0), 0
+            if on_log:
+                on_log(rec)
+            if bar is not None:
+                bar.set_postfix(d=f"{rec['d_loss']:.3f}", g=f"{rec['g_loss']:.3f}", refresh=False)
+        if bar is not None:
+            bar.update(1)
+        if step % checkpoint_every == 0 or step == steps:
+            checkpoint()
+            export(log, step, elapsed)
+            t_last = time.perf_counter()  # writing outputs is not training time
+    if bar is not None:
+        bar.close()
+    if not (out / CKPT).is_file():
+        checkpoint()
+    return export(log, step, elapsed)

@@ -76,9 +76,7 @@ class StyleGANGenerator(Generator):
 
     def vary(self, latents: torch.Tensor, strength: float, rng=None) -> torch.Tensor:
         """(1 − s)·w + s·w_fresh: linear interpolation in W (s = 0 keeps w, s = 1 is a fresh prior sample)."""
-        if not 0.0 <= strength <= 1.0:
-            raise GeneratorError(f"variation strength must lie in [0, 1], got {strength}.")
-        w = self.check_latents(latents)
+        w = self.check_variation(latents, strength)
         if strength == 0.0:
             return w.clone()
         return torch.lerp(w, self.sample_prior(w.shape[0], rng).to(w), float(strength))
