@@ -50,7 +50,7 @@ def test_simplex_etf_and_arcface():
 
 def test_defaults_follow_the_generator_kind(sim):
     s = sim.algo.settings()
-    assert (s["kind"], s["lam"], s["mu"], s["server_lr"], s["latent_dim"]) == ("builtin", 1.0, 50.0, 0.01, 128)
+    assert (s["kind"], s["lam"], s["mu"], s["server_lr"], s["latent_dim"]) == ("builtin", 1.0, 50.0, 0.01, 256)
     assert make_sim().algo.hp.server_epochs == 100
     algo = make_sim(params={"lam": 0.1, "mu": 0}).algo
     assert (algo.lam, algo.mu) == (0.1, 0.0)

@@ -27,7 +27,12 @@ def check_interface(g, n: int = 3) -> np.ndarray:
     assert imgs.std() > 0, "images are not constant"
     # vary: 0 keeps the latents, 1 is a fresh prior sample, in between stays closer to the original than a fresh one
     assert torch.equal(g.vary(z, 0.0, 1), z)
-    assert torch.equal(g.vary(z, 1.0, 1), g.sample_prior(n, 1))
+    if hasattr(g, "classes"):  # class-conditional built-in (v2): a fresh noise part, each latent keeps its class part
+        fresh = g.vary(z, 1.0, 1)
+        assert torch.equal(fresh[:, : g.z_dim], torch.randn(n, g.z_dim, generator=torch.Generator().manual_seed(1)))
+        assert torch.equal(fresh[:, g.z_dim:], z[:, g.z_dim:])
+    else:
+        assert torch.equal(g.vary(z, 1.0, 1), g.sample_prior(n, 1))
     near = g.vary(z, 0.2, 1)
     assert near.shape == z.shape
     assert (near - z).norm() < (g.sample_prior(n, 1) - z).norm()
@@ -48,9 +53,9 @@ def test_shipped_builtin_generator_loads_and_synthesizes():
     size = (default_asset_dir() / "generator.safetensors").stat().st_size
     assert size <= 20 * 2**20
     g = load_generator("builtin")
-    assert (g.latent_dim, g.resolution, g.channels) == (128, 32, 3)
+    assert (g.latent_dim, g.resolution, g.channels) == (256, 32, 3)
     cfg = json.loads((default_asset_dir() / "generator.json").read_text())
-    assert cfg["class_subset"] == "0-49" and cfg["dataset"].startswith("cifar100")
+    assert cfg["architecture"] == "cgan" and cfg["classes"] == list(range(50)) and cfg["dataset"] == "cifar100[0-49]"
     imgs = check_interface(g, n=4)
     # a trained generator makes different images from different latents
     assert np.abs(imgs[0].astype(int) - imgs[1].astype(int)).mean() > 1.0
