@@ -76,7 +76,7 @@ def test_uploads_are_only_normalised_class_prototypes(sim, worker):
     msg = algo.broadcast(new, 0, 2)
     assert set(msg) == {"gen/images", "gen/latents"}
     assert msg["gen/images"].shape == (C, 8, 8, 1) and msg["gen/images"].dtype == torch.uint8
-    assert msg["gen/latents"].shape == (C, 128)
+    assert msg["gen/latents"].shape == (C, sim.algo.generator.latent_dim) == (C, 256)
     assert msg["gen/images"].float().std() > 0
     m = algo.server_metrics(new)
     assert {"server_mmd", "server_centroid_mse", "server_seconds"} <= set(m) and all(math.isfinite(v) for v in m.values())
@@ -150,8 +150,8 @@ def test_two_rounds_heterogeneous_on_digits(tmp_path):
     held = (np.asarray(json.loads(stats.read_text())["train_counts"]) > 0).sum()
     C = 10
     assert all(r["bytes_up"] == held * C * 4 and r["params_up"] == held * C for r in res.records[1:])
-    # round 2 downloads the C generated pairs: C images of 8×8×1 bytes and C latents of 128 floats, per client
-    assert res.records[2]["bytes_down"] == 4 * (C * 64 + C * 128 * 4)
+    # round 2 downloads the C generated pairs: C images of 8×8×1 bytes and C latents of 256 floats (v2: noise 128 + class 128), per client
+    assert res.records[2]["bytes_down"] == 4 * (C * 64 + C * 256 * 4)
     assert (res.path / "artifacts" / "generated_round0002.png").is_file()
 
 
