@@ -456,11 +456,12 @@ def evaluate_generator(ctx: QualityContext, spec: str, n: int | None = None, see
     t0 = time.perf_counter()
     gen = generator if generator is not None else load_generator(spec, device=ctx.device)
     classes = generator_classes(gen)
-    if classes is not None:
-        outside = sorted(set(classes) - set(ctx.class_ids))
-        if outside:
-            raise ConfigError(f"{spec} was trained on classes {outside[:5]}{'...' if len(outside) > 5 else ''} outside "
-                              f"--classes {ctx.lo}-{ctx.hi}, which the classifier knows; pass --classes covering them.")
+    if classes is not None:  # a conditional generator is judged on the classes of --classes, which it must know
+        unknown = sorted(set(ctx.class_ids) - set(classes))
+        if unknown:
+            raise ConfigError(f"{spec} cannot make classes {unknown[:5]}{'...' if len(unknown) > 5 else ''} of --classes "
+                              f"{ctx.lo}-{ctx.hi} (it knows {min(classes)}-{max(classes)}); pass --classes within them.")
+        classes = [c for c in classes if c in set(ctx.class_ids)]
     ref_classes = classes if classes is not None else ctx.class_ids
     cfg = getattr(gen, "config", None)
     trained_on = cfg.get("class_subset") if isinstance(cfg, dict) else None
