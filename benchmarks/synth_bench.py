@@ -337,8 +337,10 @@ new to the private classes. **Data, the same for both generators:** the private 
 seeded draw per seed) and the test set (the other 190 images of each class, 1,900 in all) come from the 200 held-out
 images per class of classes 50-59 only (`held_out_positions` on the 60,000-image cache), so `builtin-c100` never saw
 any of them and both generators are judged on identical private and test images. T = 20 iterations, N = 100
-candidates per class per iteration, ε = 0.2 per iteration (total 4.0 for `pcevolve` and `pe`), δ = 1/100 per
-iteration for `pe` (total 0.2; σ = 6.05 by the analytic Gaussian mechanism). Downstream: a bias-free linear head on
+candidates per class per iteration, ε = 0.2 per iteration (total 4.0 for `pcevolve` by basic composition; for `pe`,
+δ = 1/100 per iteration, σ = 6.05 by the analytic Gaussian mechanism, and the total is the smaller of basic
+composition, 4.0 at δ 0.2, and Opacus's PRV accountant over the 20 Gaussian releases, 0.28 at δ 0.2: the table's
+"total ε" column). Downstream: a bias-free linear head on
 the frozen encoder (100 epochs, batch 16, SGD lr 0.05 cosine), trained on the synthetic images (`syn`), synthetic +
 private (`mix`), or the private images alone (`real`); accuracy and macro-F1 on the test set; 3 seeds (0, 1, 2),
 mean ± std (population std). Seconds per iteration: selection + generation of 1,000 candidates on one torch thread
