@@ -410,6 +410,18 @@ def _section(out: list[str], rows: list[dict], title: str, command: str | None, 
         out.append("")
 
 
+def _run_flags(rows: list[dict]) -> str:
+    """The --eval-every and --seeds flags the finished rows were run with, where they differ from the defaults."""
+    flags = ""
+    its = sorted({c["iteration"] for r in rows for c in r.get("curve", [])})
+    if len(its) > 1 and its[1] - its[0] != 5:
+        flags += f" --eval-every {its[1] - its[0]}"
+    seeds = sorted({int(r["seed"]) for r in rows})
+    if seeds and seeds != [0, 1, 2]:
+        flags += " --seeds " + " ".join(map(str, seeds))
+    return flags
+
+
 def write_doc(path: Path, results_dir: Path = DOCS) -> None:
     rows = read_rows(results_dir / "results.jsonl")
 
@@ -429,7 +441,7 @@ def write_doc(path: Path, results_dir: Path = DOCS) -> None:
         slug = generator_slug(spec)
         grids = [(g.name, str(rel(g))) for g in sorted((results_dir / slug).glob("main-*.png"))]
         cmd = (f"scripts/cpu-slot .venv/bin/python benchmarks/synth_bench.py --data-root /work/shared/data "
-               f"--generator {spec} --commit")
+               f"--generator {spec}{_run_flags(rs)} --commit")
         _section(out, rs, TITLES.get(spec, f"`{spec}` (a generator folder, not a shipped one)"), cmd, grids)
     if len(specs) > 1:
         reals = {spec: _mean(list({r["seed"]: r for r in v2 if r["generator"] == spec and r["tag"] == "main"}.values()),
