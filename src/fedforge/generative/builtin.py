@@ -36,8 +36,10 @@ from .gan_common import (  # noqa: F401  (CONFIG, WEIGHTS, ema_decay_at, save_bu
     recalibrate_batchnorm,
     run_gan_training,
     save_builtin,
+    strided_sn_convs,
+    synthesize_in_chunks,
 )
-from .images import image_grid, save_png, to_uint8
+from .images import image_grid, save_png
 
 DEFAULT_ASSET = "builtin-cifar100-0-49"  # under fedforge/assets/
 C100_ASSET = "builtin-cifar100"  # all 100 classes (generator v2 only)
@@ -71,13 +73,7 @@ class DiscriminatorNet(nn.Module):
     def __init__(self, resolution: int = 32, channels: int = 3, base_channels: int = 64):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
-        k = _levels(resolution)
-        layers: list[nn.Module] = []
-        c_in = channels
-        for i in range(k):
-            c_out = base_channels * 2**i
-            layers += [sn(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.2, True)]
-            c_in = c_out
+        layers, c_in = strided_sn_convs(channels, base_channels, _levels(resolution), 0.2)
         self.body = nn.Sequential(*layers, nn.Flatten())
         self.score = sn(nn.Linear(c_in * 16, 1))
 
@@ -105,11 +101,7 @@ class BuiltinGenerator(Generator):
 
     @torch.no_grad()
     def synthesize(self, latents: torch.Tensor, condition: Any = None) -> np.ndarray:
-        z = self.check_latents(latents)
-        out = [to_uint8(self.net(z[i : i + 256].to(self.device))) for i in range(0, z.shape[0], 256)]
-        if not out:
-            return np.zeros((0, self.resolution, self.resolution, self.channels), np.uint8)
-        return np.concatenate(out)
+        return synthesize_in_chunks(self.net, self.check_latents(latents), self.device, self.resolution, self.channels)
 
     def __repr__(self) -> str:
         return f"BuiltinGenerator({self.source or 'in memory'}, latent {self.latent_dim}, {self.resolution}px)"

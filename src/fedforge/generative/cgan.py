@@ -44,8 +44,10 @@ from .gan_common import (
     recalibrate_batchnorm,
     run_gan_training,
     save_builtin,
+    strided_sn_convs,
+    synthesize_in_chunks,
 )
-from .images import image_grid, save_png, to_uint8
+from .images import image_grid, save_png
 
 ARCHITECTURE = "cgan"
 
@@ -103,13 +105,7 @@ class CGANDiscriminator(nn.Module):
     def __init__(self, num_classes: int, resolution: int = 32, channels: int = 3, width: int = 32):
         super().__init__()
         sn = nn.utils.parametrizations.spectral_norm
-        k = _levels(resolution)
-        layers: list[nn.Module] = []
-        c_in = channels
-        for i in range(k):
-            c_out = width * 2**i
-            layers += [sn(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(0.1, True)]
-            c_in = c_out
+        layers, c_in = strided_sn_convs(channels, width, _levels(resolution), 0.1)
         layers += [sn(nn.Conv2d(c_in, 2 * c_in, 3, 1, 1)), nn.LeakyReLU(0.1, True)]
         self.body = nn.Sequential(*layers)
         self.score = sn(nn.Linear(2 * c_in, 1))
@@ -211,11 +207,8 @@ class ConditionalGenerator(Generator):
 
     @torch.no_grad()
     def synthesize(self, latents: torch.Tensor, condition: Any = None) -> np.ndarray:
-        w = self.class_latents(latents, condition)
-        out = [to_uint8(self.net(w[i: i + 256].to(self.device))) for i in range(0, w.shape[0], 256)]
-        if not out:
-            return np.zeros((0, self.resolution, self.resolution, self.channels), np.uint8)
-        return np.concatenate(out)
+        return synthesize_in_chunks(self.net, self.class_latents(latents, condition), self.device, self.resolution,
+                                    self.channels)
 
     def vary(self, latents: torch.Tensor, strength: float, rng=None) -> torch.Tensor:
         """Vary the noise part only; the class part stays (a class-preserving variation)."""

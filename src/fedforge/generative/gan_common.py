@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -117,6 +118,31 @@ def ema_decay_at(step: int, decay: float) -> float:
     and reach the full decay after about 9,000 steps.
     """
     return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def strided_sn_convs(channels: int, width: int, levels: int, slope: float) -> tuple[list[nn.Module], int]:
+    """The discriminators' body: ``levels`` spectrally normalised strided 4×4 convolutions of widths ``width·2^i``,
+    each followed by LeakyReLU(``slope``); returns the layers and the last width."""
+    sn = nn.utils.parametrizations.spectral_norm
+    layers: list[nn.Module] = []
+    c_in = channels
+    for i in range(levels):
+        c_out = width * 2**i
+        layers += [sn(nn.Conv2d(c_in, c_out, 4, 2, 1)), nn.LeakyReLU(slope, True)]
+        c_in = c_out
+    return layers, c_in
+
+
+@torch.no_grad()
+def synthesize_in_chunks(net: nn.Module, latents: torch.Tensor, device: torch.device, resolution: int, channels: int,
+                         chunk: int = 256) -> np.ndarray:
+    """uint8 NHWC images of ``net`` (latents → images in [−1, 1]) on ``device``, ``chunk`` latents at a time."""
+    from .images import to_uint8
+
+    out = [to_uint8(net(latents[i: i + chunk].to(device))) for i in range(0, latents.shape[0], chunk)]
+    if not out:
+        return np.zeros((0, resolution, resolution, channels), np.uint8)
+    return np.concatenate(out)
 
 
 StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # d_loss, g_loss, D(real), D(fake)
